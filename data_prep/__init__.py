@@ -1,0 +1,1 @@
+"""Pack image corpora into verified webdataset shards."""

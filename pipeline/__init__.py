@@ -1,0 +1,1 @@
+"""The training system: AGC, optimizer, loader, trainer, scaling fits."""
