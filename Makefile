@@ -50,6 +50,7 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/python bench/model_step.py
+	$(VENV)/bin/python bench/pack.py
 
 # Re-resolve the pins from the direct dependencies (maintainers only).
 lock:

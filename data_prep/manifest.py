@@ -1,0 +1,129 @@
+"""manifest.json: the one source of truth for shard names, exact counts and hashes.
+
+Written last by `pack`; read by `verify`, `inspect`, the training loader, the trainer's compute
+accounting and the scaling fits. Layout:
+
+    {"format": "nfnet-scale/wds-v1",
+     "classes": ["cat", "dog", ...],            # index = label
+     "multi_label": false,
+     "splits": {"train": {"samples": 1000, "class_counts": [..], "shards": [
+                   {"name": "train-000000.tar", "samples": 256, "bytes": 1234, "sha256": "..."}, ...]},
+                "heldout": {...}, "val": {...}},
+     "duplicates": 3, "rejected": 2, "rejected_by_reason": {"empty file (0 bytes)": 1, ...},
+     "source": "...", "options": {...}, "versions": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass
+
+from .storage import Store
+
+FORMAT = "nfnet-scale/wds-v1"
+MANIFEST = "manifest.json"
+REJECTED = "rejected.jsonl"
+DUPLICATES = "duplicates.jsonl"
+SAMPLE_FIELDS = ("jpg", "cls", "json")
+
+
+class ManifestError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def load_manifest(root: str, endpoint: str | None = None) -> dict:
+    store = Store(root, endpoint)
+    if not store.exists(MANIFEST):
+        raise ManifestError(f"{store.url(MANIFEST)} not found: not a data_prep output, or the pack did not finish (rerun it to resume)")
+    manifest = json.loads(store.read_bytes(MANIFEST))
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{store.url(MANIFEST)}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def shards_of(manifest: dict, split: str) -> list[ShardInfo]:
+    if split not in manifest["splits"]:
+        raise ManifestError(f"split {split!r} not in manifest; splits are {sorted(manifest['splits'])}")
+    return [ShardInfo(split=split, **s) for s in manifest["splits"][split]["shards"]]
+
+
+def count_tar_samples(fileobj) -> tuple[int, list[str]]:
+    """Samples (distinct keys, in order) in a webdataset tar stream; problems as messages."""
+    problems, fields_by_key, order = [], {}, []
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key_part, _, ext = base.partition(".")
+            key = member.name[: len(member.name) - len(base)] + key_part
+            if key not in fields_by_key:
+                fields_by_key[key] = set()
+                order.append(key)
+            fields_by_key[key].add(ext)
+            tar.extractfile(member).read()  # read through, so truncation surfaces here
+    for key in order:
+        missing = [f for f in SAMPLE_FIELDS if f not in fields_by_key[key]]
+        if missing:
+            problems.append(f"sample {key} lacks {', '.join(missing)}")
+    return len(order), problems
+
+
+class _HashingReader:
+    def __init__(self, raw):
+        self.raw, self.sha, self.n = raw, hashlib.sha256(), 0
+
+    def read(self, size=-1):
+        data = self.raw.read(size) if size is not None and size >= 0 else self.raw.read()
+        self.sha.update(data)
+        self.n += len(data)
+        return data
+
+
+def verify_shard(store: Store, shard: ShardInfo) -> list[str]:
+    """Re-read one shard; returns problems (empty when it matches the manifest)."""
+    if not store.exists(shard.name):
+        return [f"{shard.name}: missing"]
+    try:
+        with store.open_read(shard.name) as raw:
+            reader = _HashingReader(raw)
+            count, problems = count_tar_samples(reader)
+            while reader.read(1 << 20):  # hash any trailing bytes after the tar end marker
+                pass
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return [f"{shard.name}: unreadable tar ({type(e).__name__}: {e})"]
+    out = [f"{shard.name}: {p}" for p in problems]
+    if count != shard.samples:
+        out.append(f"{shard.name}: {count} samples, manifest says {shard.samples}")
+    if reader.n != shard.bytes:
+        out.append(f"{shard.name}: {reader.n} bytes, manifest says {shard.bytes}")
+    if reader.sha.hexdigest() != shard.sha256:
+        out.append(f"{shard.name}: sha256 {reader.sha.hexdigest()[:16]}... differs from the manifest's {shard.sha256[:16]}...")
+    return out
+
+
+def verify(root: str, endpoint: str | None = None) -> tuple[int, int, list[str]]:
+    """(shards checked, samples, problems) for every shard of every split."""
+    manifest = load_manifest(root, endpoint)
+    store = Store(root, endpoint)
+    problems, n_shards, n_samples = [], 0, 0
+    for split, info in sorted(manifest["splits"].items()):
+        shards = shards_of(manifest, split)
+        if sum(s.samples for s in shards) != info["samples"]:
+            problems.append(f"split {split}: shard counts add to {sum(s.samples for s in shards)}, manifest says {info['samples']}")
+        for shard in shards:
+            problems += verify_shard(store, shard)
+            n_shards += 1
+            n_samples += shard.samples
+    return n_shards, n_samples, problems

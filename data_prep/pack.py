@@ -1,0 +1,365 @@
+"""Pack a corpus into exact-count webdataset shards: deterministic, resumable, parallel.
+
+Three stages, each made of independent tasks that run inline, in a process pool, or as Ray tasks:
+
+1. chunks: the ordered items are cut into fixed-size chunks (independent of the worker count).
+   A task reads, hashes, decodes and encodes its items into `OUT/_staging/chunk-NNNNNN.bin`, then
+   writes `chunk-NNNNNN.json` (one record per item: ok with sha256 and byte spans, or rejected
+   with a reason).
+   The index is written last, so a chunk with an index is complete; resume skips it.
+2. plan (driver, metadata only): walk every record in source order; drop rejects; keep the first
+   copy of each sha256 (later copies are duplicates); move a train item to `heldout` when
+   hash(key) < heldout_fraction; shuffle each split with a fixed seed (unless disabled); cut each
+   split into shards of exactly N samples.
+3. shards: a task copies its samples out of the staging chunks into `{split}-{index:06d}.tar`,
+   written atomically, and records its size and sha256 in `_staging/shards/NAME.json`.
+
+Then rejected.jsonl, duplicates.jsonl and finally manifest.json; `_staging/` is removed.
+Tar headers use mtime 0 and JPEG encoding is deterministic, so a resumed pack produces the same
+bytes and hashes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import platform
+import random
+import tarfile
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import ImageOptions, Reject, encode_image
+from .manifest import DUPLICATES, FORMAT, MANIFEST, REJECTED
+from .sources import Corpus, SourceItem, load_corpus, read_item_bytes
+from .storage import Store
+
+STAGING = "_staging"
+SPLIT_ORDER = ("train", "heldout", "val")
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    samples_per_shard: int = 1000
+    heldout_fraction: float = 0.0
+    image: ImageOptions = field(default_factory=ImageOptions)
+    chunk_size: int = 512  # items per staging chunk; resume granularity of stage 1
+    # Shards are written in a seeded random order per split, so a shard mixes classes (class
+    # folders enumerate class by class) and a streaming reader needs only a small shuffle window.
+    shuffle_seed: int | None = 0
+    classes_file: str | None = None
+    path_column: str | None = None
+    label_column: str | None = None
+    limit_per_split: int = 0
+
+    def fingerprint(self) -> dict:
+        """Everything that changes the output (and the staging layout), not how it is executed."""
+        return dataclasses.asdict(self)
+
+
+class PackError(Exception):
+    """The pack cannot start or continue; the message says why and what to do."""
+
+
+# ---- stage 1: chunks ---------------------------------------------------------------------------
+class ShardWriter:
+    """Writes webdataset samples to a tar stream the way webdataset.TarWriter does (one member per
+    field, `key.field`, fields sorted), with mtime 0 so the bytes are reproducible.
+
+    We use tarfile directly because importing webdataset imports torch (~2.3 s per process), which
+    packing does not otherwise need; the format is plain POSIX tar either way.
+    """
+
+    def __init__(self, fileobj):
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, fields: dict[str, bytes]) -> None:
+        for name in sorted(fields):
+            data = fields[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def build_chunk(root: str, endpoint: str | None, chunk_id: int, items: Sequence[SourceItem],
+                classes: Sequence[str], opts: ImageOptions) -> dict:  # fmt: skip
+    """Stage-1 task: encode `items` into a staging blob plus its index. Returns counts for progress.
+
+    The blob is the samples' fields back to back; the index records (offset, length) per field,
+    so stage 3 slices bytes instead of parsing a tar (tarfile costs ~0.2 ms per entry).
+    """
+    store = Store(root, endpoint)
+    records, counts = [], Counter()
+    with store.open_write_atomic(f"{STAGING}/chunk-{chunk_id:06d}.bin") as f:
+        offset = 0
+        for it in items:
+            rec = {"key": it.key, "split": it.split, "labels": list(it.labels), "path": it.rel, "location": it.location}
+            reason = it.reject
+            if reason is None:
+                try:
+                    data = read_item_bytes(it, endpoint)
+                except FileNotFoundError:
+                    reason = "missing file"
+                except OSError as e:
+                    reason = f"unreadable file: {type(e).__name__}: {e.strerror or e}"
+            if reason is None:
+                raw = ("L", (28, 28)) if it.location.startswith("fashion-mnist:") else None
+                sha = hashlib.sha256(data).hexdigest()
+                try:
+                    enc = encode_image(data, opts, raw=raw)
+                except Reject as e:
+                    reason = str(e)
+            if reason is not None:
+                records.append({**rec, "status": "rejected", "reason": reason})
+                counts["rejected"] += 1
+                continue
+            meta = {"source": it.rel, "class_name": classes[it.labels[0]], "labels": list(it.labels),
+                    "original_size": list(enc.original_size), "sha256": sha}  # fmt: skip
+            fields = {"cls": str(it.labels[0]).encode(), "jpg": enc.jpg, "json": json.dumps(meta, sort_keys=True).encode()}
+            spans = {}
+            for name, blob in fields.items():
+                f.write(blob)
+                spans[name] = (offset, len(blob))
+                offset += len(blob)
+            records.append({**rec, "status": "ok", "sha256": sha, "spans": spans})
+            counts["ok"] += 1
+    # The index is the completion marker of the chunk: written after the blob is in place.
+    store.write_bytes_atomic(f"{STAGING}/chunk-{chunk_id:06d}.json", json.dumps(records).encode())
+    return {"chunk": chunk_id, "items": len(items), **counts}
+
+
+# ---- stage 2: plan -----------------------------------------------------------------------------
+def heldout_draw(key: str) -> float:
+    """A uniform number in [0, 1) from the sample key alone: same on every machine and worker count."""
+    return int.from_bytes(hashlib.sha256(f"heldout:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+@dataclass
+class Plan:
+    shards: list[dict]  # {"name", "split", "members": [(chunk_id, key, {field: (offset, length)})]}
+    rejected: list[dict]
+    duplicates: list[dict]
+    split_counts: dict[str, int]
+    class_counts: dict[str, list[int]]
+
+
+def make_plan(chunk_records: list[list[dict]], n_classes: int, opts: PackOptions) -> Plan:
+    rejected, duplicates, first_seen = [], [], {}
+    by_split: dict[str, list[tuple[int, dict]]] = {}
+    for chunk_id, records in enumerate(chunk_records):
+        for rec in records:
+            if rec["status"] != "ok":
+                rejected.append({k: rec[k] for k in ("path", "location", "key", "split", "reason")})
+                continue
+            if rec["sha256"] in first_seen:
+                kept = first_seen[rec["sha256"]]
+                duplicates.append({"key": rec["key"], "path": rec["path"], "sha256": rec["sha256"],
+                                   "duplicate_of_key": kept["key"], "duplicate_of_path": kept["path"]})  # fmt: skip
+                continue
+            first_seen[rec["sha256"]] = rec
+            split = rec["split"]
+            if split == "train" and opts.heldout_fraction > 0 and heldout_draw(rec["key"]) < opts.heldout_fraction:
+                split = "heldout"
+            by_split.setdefault(split, []).append((chunk_id, rec))
+    order = [s for s in SPLIT_ORDER if s in by_split] + sorted(s for s in by_split if s not in SPLIT_ORDER)
+    if opts.shuffle_seed is not None:
+        for split in order:
+            random.Random(f"{opts.shuffle_seed}:{split}").shuffle(by_split[split])
+    shards, split_counts, class_counts = [], {}, {}
+    n = opts.samples_per_shard
+    for split in order:
+        members = by_split[split]
+        split_counts[split] = len(members)
+        totals = [0] * n_classes
+        for start in range(0, len(members), n):
+            group = members[start : start + n]
+            counts = Counter(lab for _, rec in group for lab in rec["labels"])
+            for lab, c in counts.items():
+                totals[lab] += c
+            shards.append({"name": f"{split}-{start // n:06d}.tar", "split": split,
+                           "members": [(cid, rec["key"], rec["spans"]) for cid, rec in group]})  # fmt: skip
+        class_counts[split] = totals
+    return Plan(shards, rejected, duplicates, split_counts, class_counts)
+
+
+# ---- stage 3: shards ---------------------------------------------------------------------------
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, raw):
+        self.raw, self.sha, self.n = raw, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.raw.write(data)
+        self.sha.update(data)
+        self.n += len(data)
+        return len(data)
+
+
+def build_shard(root: str, endpoint: str | None, name: str, members: Sequence[tuple[int, str, dict]]) -> dict:
+    """Stage-3 task: copy samples out of staging chunks into one shard tar, atomically."""
+    store = Store(root, endpoint)
+    sidecar = f"{STAGING}/shards/{name}.json"
+    if store.exists(name) and store.exists(sidecar):
+        return json.loads(store.read_bytes(sidecar))  # finished by an earlier, interrupted run
+    blobs = {cid: store.read_bytes(f"{STAGING}/chunk-{cid:06d}.bin") for cid in sorted({m[0] for m in members})}
+    with store.open_write_atomic(name) as f:
+        hw = _HashingWriter(f)
+        writer = ShardWriter(hw)
+        for cid, key, spans in members:
+            blob = blobs[cid]
+            writer.write(key, {field: blob[o : o + n] for field, (o, n) in spans.items()})
+        writer.close()
+    info = {"name": name, "samples": len(members), "bytes": hw.n, "sha256": hw.sha.hexdigest()}
+    store.write_bytes_atomic(sidecar, json.dumps(info).encode())
+    return info
+
+
+# ---- execution ---------------------------------------------------------------------------------
+def run_tasks(fn: Callable, args: list[tuple], workers: int, use_ray: bool, ray_address: str | None,
+              on_done: Callable[[dict], None]) -> list[dict]:  # fmt: skip
+    """Run fn(*a) for every a, inline / in `workers` processes / as Ray tasks; results in order."""
+    results: list[dict | None] = [None] * len(args)
+    if use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, log_to_driver=False)
+        remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(fn)
+        refs = {remote.remote(*a): i for i, a in enumerate(args)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = refs[done[0]]
+            results[i] = ray.get(done[0])
+            on_done(results[i])
+    elif workers > 1:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(fn, *a): i for i, a in enumerate(args)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                on_done(results[futures[fut]])
+    else:
+        for i, a in enumerate(args):
+            results[i] = fn(*a)
+            on_done(results[i])
+    return results  # type: ignore[return-value]
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "format": FORMAT}
+    for pkg in ("pillow", "numpy", "webdataset", "boto3"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool) -> bool:
+    """Returns True when OUT already holds this exact finished pack. Raises on a conflicting OUT."""
+    store.check_writable()
+    identity = {"source": source, "options": opts.fingerprint()}
+    if overwrite:
+        for name in store.list():
+            if not name.startswith(".write-probe"):
+                store.delete(name)
+    if store.exists(MANIFEST):
+        previous = json.loads(store.read_bytes(MANIFEST))
+        if {"source": previous.get("source"), "options": previous.get("options")} == identity:
+            return True
+        raise PackError(f"{store.root} already holds a finished pack made with other options or SOURCE; "
+                        "choose another OUT or pass --overwrite")  # fmt: skip
+    marker = f"{STAGING}/pack.json"
+    if store.exists(marker):
+        if json.loads(store.read_bytes(marker)) != identity:
+            raise PackError(f"{store.root} holds an interrupted pack with other options or SOURCE; rerun "
+                            "that exact command to resume it, or pass --overwrite to start over")  # fmt: skip
+    else:
+        if any(not n.startswith(".write-probe") for n in store.list()):
+            raise PackError(f"{store.root} is not empty and holds no pack of ours; choose an empty OUT or pass --overwrite")
+        store.write_bytes_atomic(marker, json.dumps(identity).encode())
+    if not store.s3:  # temp files of a killed run
+        for name in store.list():
+            if ".tmp-" in name:
+                store.delete(name)
+    return False
+
+
+def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray: bool = False,
+         ray_address: str | None = None, endpoint: str | None = None, overwrite: bool = False,
+         keep_staging: bool = False, progress: bool = True) -> dict:  # fmt: skip
+    """Pack SOURCE into OUT; returns the summary (also printed by the CLI)."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    if not Store(source).s3 and source != "fashion-mnist" and not Store(out).s3:
+        if Path(out).resolve().is_relative_to(Path(source).resolve()):
+            raise PackError(f"OUT {out} lies inside SOURCE {source}; its shards would be read as input")
+    corpus: Corpus = load_corpus(source, classes_file=opts.classes_file, path_column=opts.path_column,
+                                 label_column=opts.label_column, limit_per_split=opts.limit_per_split,
+                                 endpoint=endpoint)  # fmt: skip
+    store = Store(out, endpoint)
+    if _prepare_out(store, source, opts, overwrite):
+        manifest = json.loads(store.read_bytes(MANIFEST))
+        return {"status": "already complete", "out": out, "samples": sum(s["samples"] for s in manifest["splits"].values())}
+
+    items = corpus.items
+    cs = opts.chunk_size
+    chunks = [items[i : i + cs] for i in range(0, len(items), cs)]
+    done = {int(n[len(STAGING) + 7 : -5]) for n in store.list(STAGING) if n.endswith(".json") and "/chunk-" in n}
+    todo = [i for i in range(len(chunks)) if i not in done]
+    bar = tqdm(total=len(items), initial=sum(len(chunks[i]) for i in done), unit="img", desc="encode",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+    run_tasks(build_chunk, [(out, endpoint, i, chunks[i], corpus.classes, opts.image) for i in todo],
+              workers, use_ray, ray_address, lambda r: bar.update(r["items"]))  # fmt: skip
+    bar.close()
+
+    records = [json.loads(store.read_bytes(f"{STAGING}/chunk-{i:06d}.json")) for i in range(len(chunks))]
+    plan = make_plan(records, len(corpus.classes), opts)
+    bar = tqdm(total=len(plan.shards), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    infos = run_tasks(build_shard, [(out, endpoint, s["name"], s["members"]) for s in plan.shards],
+                      workers, use_ray, ray_address, lambda r: bar.update(1))  # fmt: skip
+    bar.close()
+
+    store.write_bytes_atomic(REJECTED, "".join(json.dumps(r) + "\n" for r in plan.rejected).encode())
+    store.write_bytes_atomic(DUPLICATES, "".join(json.dumps(d) + "\n" for d in plan.duplicates).encode())
+    splits = {}
+    for split, count in plan.split_counts.items():
+        shards = [i for i, s in zip(infos, plan.shards) if s["split"] == split]
+        splits[split] = {"samples": count, "class_counts": plan.class_counts[split], "shards": shards}
+    reasons = Counter(_reason_class(r["reason"]) for r in plan.rejected)
+    manifest = {
+        "format": FORMAT, "classes": corpus.classes, "multi_label": corpus.multi_label, "splits": splits,
+        "duplicates": len(plan.duplicates), "rejected": len(plan.rejected),
+        "rejected_by_reason": dict(sorted(reasons.items())), "source": source,
+        "options": opts.fingerprint(), "versions": _versions(),
+    }  # fmt: skip
+    store.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the pack is complete
+    if not keep_staging:
+        store.delete_tree(STAGING)
+    wall = time.time() - t0
+    packed = sum(plan.split_counts.values())
+    return {"status": "packed", "out": out, "samples": packed, "splits": plan.split_counts,
+            "duplicates": len(plan.duplicates), "rejected": len(plan.rejected),
+            "rejected_by_reason": dict(reasons), "bytes": sum(i["bytes"] for i in infos),
+            "shards": len(infos), "wall_s": round(wall, 2), "images_per_s": round(len(items) / max(wall, 1e-9), 1)}  # fmt: skip
+
+
+def _reason_class(reason: str) -> str:
+    """Group reasons for counting: the text before the first ':' ("corrupt or truncated image")."""
+    return reason.split(":", 1)[0].split(" in row ")[0]

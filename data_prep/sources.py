@@ -1,0 +1,279 @@
+"""Enumerate a SOURCE into an ordered list of items, without reading image bytes.
+
+SOURCE forms:
+- a local directory of class folders (`<root>/<class>/*`), or with `train/` and `val/` below
+  the root, each a split of class folders;
+- a manifest file: .csv, .jsonl/.ndjson, or .parquet, one row per image with a local path (relative
+  to the manifest's folder) or an s3:// URI, and a label (int, class name, or a list for
+  multi-label corpora); an optional `split` column;
+- `s3://bucket/prefix` in class-folder layout;
+- `fashion-mnist`: the sample corpus from the Debian package's IDX files.
+
+The order of items is the order of the output: sorted (split, class, path) for folders, row order
+for manifests. It never depends on the number of workers.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .storage import is_s3, s3_client, split_s3
+
+FASHION_MNIST_DIR = os.environ.get("NFNET_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLIT_DIRS = ("train", "val")
+
+
+class SourceError(Exception):
+    """The SOURCE as a whole cannot be used (missing, unreadable, empty, malformed)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str  # unique, stable, no dots (webdataset splits keys at the first dot)
+    split: str
+    labels: tuple[int, ...]
+    location: str  # local path, s3:// URI, or fashion-mnist:<file>:<index>
+    rel: str  # the path a user recognises (relative to SOURCE), recorded in each sample's json
+    reject: str | None = None  # known bad before reading (unknown label, ...)
+
+
+@dataclass
+class Corpus:
+    classes: list[str]
+    items: list[SourceItem]
+    description: str
+    multi_label: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def make_key(rel: str) -> str:
+    """Readable and unique: the sanitised path without extension plus 8 hex digits of its hash."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel).strip("_")
+    return f"{stem[-80:]}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+
+
+def load_corpus(source: str, *, classes_file: str | None = None, path_column: str | None = None,
+                label_column: str | None = None, limit_per_split: int = 0, endpoint: str | None = None) -> Corpus:  # fmt: skip
+    if source == "fashion-mnist":
+        corpus = _fashion_mnist()
+    elif is_s3(source):
+        corpus = _class_folders_s3(source, endpoint)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise SourceError(f"SOURCE {source} does not exist")
+        if not os.access(path, os.R_OK):
+            raise SourceError(f"SOURCE {source} is not readable (permission denied)")
+        if path.is_dir():
+            corpus = _class_folders_local(path)
+        elif path.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".parquet"):
+            corpus = _manifest(path, classes_file, path_column, label_column)
+        else:
+            raise SourceError(f"SOURCE {source}: expected a directory, a .csv/.jsonl/.parquet manifest, s3://... or fashion-mnist")
+    if limit_per_split:
+        seen: dict[str, int] = {}
+        kept = []
+        for it in corpus.items:
+            if seen.get(it.split, 0) < limit_per_split:
+                kept.append(it)
+                seen[it.split] = seen.get(it.split, 0) + 1
+        corpus.items = kept
+    if not corpus.items:
+        raise SourceError(f"SOURCE {source} holds no images")
+    return corpus
+
+
+# ---- class folders -----------------------------------------------------------------------------
+def _split_and_class(parts: list[str], has_splits: bool) -> tuple[str, str] | None:
+    if has_splits:
+        if len(parts) < 3 or parts[0] not in SPLIT_DIRS:
+            return None
+        return parts[0], parts[1]
+    if len(parts) < 2:
+        return None
+    return "train", parts[0]
+
+
+def _build_folder_corpus(rels: list[str], locate, description: str) -> Corpus:
+    rels = [r for r in rels if not any(p.startswith(".") for p in r.split("/"))]
+    has_splits = any(r.split("/")[0] in SPLIT_DIRS and len(r.split("/")) >= 3 for r in rels)
+    placed = [(sc, r) for r in rels if (sc := _split_and_class(r.split("/"), has_splits)) is not None]
+    classes = sorted({c for (_, c), _ in placed})
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for (split, cls), rel in sorted(placed, key=lambda t: (t[0][0], t[0][1], t[1])):
+        ext = Path(rel).suffix.lower()
+        reject = None if ext in IMAGE_EXTENSIONS else f"unsupported file extension {ext or '(none)'}"
+        items.append(SourceItem(make_key(rel), split, (index[cls],), locate(rel), rel, reject))
+    return Corpus(classes, items, description)
+
+
+def _class_folders_local(root: Path) -> Corpus:
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            rels.append(str((Path(dirpath) / f).relative_to(root)).replace(os.sep, "/"))
+    return _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}")
+
+
+def _raise_walk(err: OSError):
+    raise SourceError(f"cannot read {err.filename}: {err.strerror}")
+
+
+def _class_folders_s3(url: str, endpoint: str | None) -> Corpus:
+    bucket, prefix = split_s3(url)
+    client = s3_client(endpoint)
+    rels = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
+            for obj in page.get("Contents", []):
+                rels.append(obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"])
+    except Exception as e:  # noqa: BLE001 - one clear message for a bad SOURCE
+        raise SourceError(f"SOURCE {url} cannot be listed: {type(e).__name__}: {e}") from e
+    base = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    return _build_folder_corpus(rels, lambda rel: f"{base}/{rel}", f"class folders {url}")
+
+
+# ---- manifests ---------------------------------------------------------------------------------
+_PATH_COLUMNS = ("path", "uri", "url", "file", "filename", "image")
+_LABEL_COLUMNS = ("label", "labels", "class", "cls")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SourceError(f"{path}: line {n} is not valid JSON ({e.msg})") from e
+        return rows
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _parse_label(value):
+    """int, class name, or a list of either; CSV cells may hold "3", "cat", "[1, 2]" or "cat;dog"."""
+    if isinstance(value, (list, tuple)):
+        return [_parse_label(v) for v in value]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip()
+    if text.startswith("["):
+        return [_parse_label(v) for v in json.loads(text)]
+    if ";" in text or "|" in text:
+        return [_parse_label(v) for v in re.split(r"[;|]", text) if v.strip()]
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def _manifest(path: Path, classes_file: str | None, path_column: str | None, label_column: str | None) -> Corpus:
+    rows = _read_rows(path)
+    if not rows:
+        raise SourceError(f"SOURCE {path} has no rows")
+    columns = set(rows[0])
+    pcol = path_column or next((c for c in _PATH_COLUMNS if c in columns), None)
+    lcol = label_column or next((c for c in _LABEL_COLUMNS if c in columns), None)
+    for want, col, options in (("path", pcol, _PATH_COLUMNS), ("label", lcol, _LABEL_COLUMNS)):
+        if col is None or col not in columns:
+            raise SourceError(f"{path}: no {want} column (looked for {col or ' / '.join(options)}; columns are {sorted(columns)})")
+    labels = [_parse_label(r.get(lcol)) for r in rows]
+    flat = [x for lab in labels for x in (lab if isinstance(lab, list) else [lab])]
+    if classes_file:
+        classes = [ln.strip() for ln in Path(classes_file).read_text().splitlines() if ln.strip()]
+    elif all(isinstance(x, int) for x in flat):
+        classes = [str(i) for i in range(max(flat) + 1)]
+    elif all(isinstance(x, str) for x in flat):
+        classes = sorted(set(flat))
+    else:
+        raise SourceError(f"{path}: column {lcol!r} mixes integer labels and class names; pass --classes FILE")
+    index = {c: i for i, c in enumerate(classes)}
+
+    items = []
+    for n, (row, lab) in enumerate(zip(rows, labels), 1):
+        ref = str(row.get(pcol) or "")
+        location = ref if is_s3(ref) or os.path.isabs(ref) else str(path.parent / ref)
+        rel = ref
+        split = str(row.get("split") or "train")
+        reject, ids = None, []
+        for x in lab if isinstance(lab, list) else [lab]:
+            i = index.get(x) if isinstance(x, str) else (x if isinstance(x, int) and 0 <= x < len(classes) else None)
+            if i is None:
+                reject = f"unknown label {x!r} in row {n} of {path.name}"
+                break
+            ids.append(i)
+        if not ref:
+            reject = f"empty {pcol!r} in row {n} of {path.name}"
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            reject = f"invalid split {split!r} in row {n} of {path.name}"
+        items.append(SourceItem(make_key(f"{n:09d}/{rel}"), split, tuple(ids), location, rel, reject))
+    multi = any(isinstance(lab, list) for lab in labels)
+    return Corpus(classes, items, f"manifest {path}", multi_label=multi)
+
+
+# ---- the built-in sample corpus ----------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def fashion_mnist_arrays(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) uint8) from the IDX .gz files."""
+    root = Path(FASHION_MNIST_DIR)
+    img_path, lab_path = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img_path.exists():
+        raise SourceError(f"the sample corpus is not installed ({img_path} missing): sudo apt-get install dataset-fashion-mnist")
+    with gzip.open(img_path) as f:
+        raw = f.read()
+    magic, n, h, w = np.frombuffer(raw[:16], dtype=">i4")
+    if magic != 2051:
+        raise SourceError(f"{img_path}: not an IDX image file (magic {magic})")
+    images = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+    with gzip.open(lab_path) as f:
+        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
+    return images, labels
+
+
+def _fashion_mnist() -> Corpus:
+    items = []
+    for prefix, split in (("train", "train"), ("t10k", "val")):
+        _, labels = fashion_mnist_arrays(prefix)
+        for i, lab in enumerate(labels):
+            rel = f"{prefix}/{i:05d}"
+            items.append(SourceItem(f"{prefix}_{i:05d}", split, (int(lab),), f"fashion-mnist:{prefix}:{i}", rel))
+    return Corpus(list(FASHION_MNIST_CLASSES), items, "fashion-mnist (Debian dataset-fashion-mnist)")
+
+
+def read_item_bytes(item: SourceItem, endpoint: str | None = None) -> bytes:
+    """Source bytes of one item; raises OSError subclasses with a message fit for rejected.jsonl."""
+    loc = item.location
+    if loc.startswith("fashion-mnist:"):
+        _, prefix, idx = loc.split(":")
+        return fashion_mnist_arrays(prefix)[0][int(idx)].tobytes()
+    if is_s3(loc):
+        bucket, key = split_s3(loc)
+        from botocore.exceptions import ClientError
+
+        try:
+            return s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            raise FileNotFoundError(f"missing object ({code})") if code in ("NoSuchKey", "404") else OSError(f"unreadable object: {code}") from e
+    return Path(loc).read_bytes()
