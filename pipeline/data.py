@@ -1,0 +1,303 @@
+"""Manifest-driven streaming input: exact per-rank balance, sample-exact resume, S3.
+
+Layout. A global batch of G samples is V = world_size x accum_steps "slots" of B samples (the
+micro-batch). Rank r owns slots r*A .. r*A+A-1 and feeds slot r*A+a at micro-step a. With G and
+B fixed, V is fixed, so a 1-worker run with accumulation and a 2-worker run read the same samples
+for every optimizer step (the data-parallel correctness test relies on it).
+
+Epoch e (training). The split's shards are put in a seeded order (seed, e); their samples form a
+sequence of N positions. steps_per_epoch = N // G; slot v owns the contiguous span
+[v*P, (v+1)*P) with P = steps_per_epoch * B, so every rank reads ~N/world samples and yields
+exactly steps_per_epoch * A micro-batches. The N - steps_per_epoch*G leftover positions (a
+different random subset every epoch) are not used in that epoch. Within a span, windows of
+`shuffle_window` positions are permuted with a seeded generator (seed, e, v, window); pack-time
+shuffling already mixes classes across shards.
+
+Resume. The position is the number of optimizer steps done; (epoch, step in epoch) follow from it,
+and every batch is a pure function of (seed, epoch, slot, index), so a resumed run reads exactly
+the samples an uninterrupted run would. Changing world size on resume is exact as long as the
+global batch and micro-batch stay the same (V unchanged: only which rank reads a slot changes).
+Changing the micro-batch or global batch mid-epoch changes the slot spans; the interrupted epoch's
+remainder is then re-cut and samples of it may repeat or be skipped; from the next epoch on
+everything is exact again.
+
+Workers. DataLoader worker w of a rank produces the rank's micro-batches j with j % workers == w;
+torch's in-order round-robin then yields them in the logical order, whatever the worker count.
+A worker reads the whole window its batch lies in (tar streams are sequential), so with W workers
+each window is read W times: cheap from local disk/page cache, W x the GETs on S3.
+
+Evaluation sees each sample of the split exactly once across ranks: rank r takes a contiguous
+span of ceil(N/world) positions, padded to the same number of batches with mask 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep.manifest import ManifestError, ShardInfo, load_manifest, shards_of
+from data_prep.storage import Store
+
+from . import s3io  # noqa: F401 - registers the s3:// opener before workers fork
+from .augment import AugmentConfig, EvalTransform, TrainAugment, decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    micro_batch: int
+    world_size: int = 1
+    accum_steps: int = 1
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.accum_steps
+
+    @property
+    def global_batch(self) -> int:
+        return self.slots * self.micro_batch
+
+
+def check_shards(root: str, shards: list[ShardInfo], endpoint: str | None = None) -> None:
+    """Fail at start-up, naming the shard, when a shard is missing or differs in size from the manifest."""
+    store = Store(root, endpoint)
+    names = set(store.list())
+    for s in shards:
+        if s.name not in names:
+            raise ManifestError(f"shard {store.url(s.name)} is listed in the manifest but missing")
+        size = store.size(s.name)
+        if size != s.bytes:
+            raise ManifestError(f"shard {store.url(s.name)} has {size} bytes, the manifest says {s.bytes}: rerun `python -m data_prep verify {root}`")
+
+
+class _ShardReader:
+    """Reads samples at given offsets of a shard through webdataset's tar stages.
+
+    Keeps the last shard's stream open: consecutive windows of a slot usually lie in the same
+    shard at increasing offsets, so reading continues where it stopped instead of re-reading the
+    shard from its start for every window.
+    """
+
+    def __init__(self, root: str, endpoint: str | None):
+        self.store = Store(root, endpoint)
+        self.endpoint = endpoint
+        self._name, self._it, self._next = None, None, 0
+
+    def _open(self, shard: ShardInfo) -> None:
+        from webdataset import tariterators
+
+        stream = tariterators.url_opener([{"url": self.store.url(shard.name)}], endpoint=self.endpoint)
+        self._name, self._it, self._next = shard.name, tariterators.group_by_keys(tariterators.tar_file_expander(stream)), 0
+
+    def read(self, shard: ShardInfo, offsets: set[int]) -> dict[int, dict]:
+        out: dict[int, dict] = {}
+        last = max(offsets)
+        try:
+            if self._name != shard.name or self._next > min(offsets):
+                self._open(shard)
+            while self._next <= last:
+                sample = next(self._it)
+                if self._next in offsets:
+                    out[self._next] = sample
+                self._next += 1
+        except Exception as e:  # noqa: BLE001 - a truncated/corrupt shard: keep what was read, count the rest
+            self._name = None
+            if not isinstance(e, StopIteration) or len(out) < len(offsets):
+                log.warning("shard %s unreadable after %d samples (%s: %s); missing samples are skipped and counted",
+                            shard.name, self._next, type(e).__name__, e)  # fmt: skip
+        return out
+
+
+class _Stream(IterableDataset):
+    """Shared machinery: positions -> samples -> decoded batch, split across DataLoader workers."""
+
+    def __init__(self, root: str, split: str, endpoint: str | None):
+        super().__init__()
+        self.root, self.split, self.endpoint = root, split, endpoint
+        manifest = load_manifest(root, endpoint)
+        self.classes = manifest["classes"]
+        self.shards = shards_of(manifest, split)
+        if not self.shards:
+            raise ManifestError(f"split {split!r} of {root} has no shards")
+        self.counts = np.array([s.samples for s in self.shards], dtype=np.int64)
+        self.total = int(self.counts.sum())
+
+    def _locate(self, order: np.ndarray, positions: np.ndarray) -> list[tuple[int, int]]:
+        """Sequence positions under shard `order` -> (shard index, offset within shard)."""
+        ends = np.cumsum(self.counts[order])
+        idx = np.searchsorted(ends, positions, side="right")
+        starts = ends[idx] - self.counts[order][idx]
+        return [(int(order[i]), int(p - s)) for i, p, s in zip(idx, positions, starts)]
+
+    def _fetch(self, reader: _ShardReader, locs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+        by_shard: dict[int, set[int]] = {}
+        for sh, off in locs:
+            by_shard.setdefault(sh, set()).add(off)
+        found = {}
+        for sh in sorted(by_shard):
+            for off, sample in reader.read(self.shards[sh], by_shard[sh]).items():
+                found[(sh, off)] = sample
+        return found
+
+    def _decode(self, sample: dict | None, where: str, res: int | None) -> tuple[torch.Tensor | None, int]:
+        if sample is None:
+            log.warning("sample %s missing (truncated shard); skipped", where)
+            return None, -1
+        try:
+            return decode(sample["jpg"], res), int(sample["cls"])
+        except Exception as e:  # noqa: BLE001
+            log.warning("sample %s (key %s) undecodable (%s: %s); skipped", where, sample.get("__key__"), type(e).__name__, e)
+            return None, -1
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainStream(_Stream):
+    """Infinite stream of a rank's training micro-batches from optimizer step `start_step` on."""
+
+    def __init__(self, root: str, layout: Layout, rank: int, aug: AugmentConfig, *, split: str = "train",
+                 seed: int = 0, start_step: int = 0, shuffle_window: int = 4096, endpoint: str | None = None):  # fmt: skip
+        super().__init__(root, split, endpoint)
+        self.layout, self.rank, self.aug, self.seed, self.start_step = layout, rank, aug, seed, start_step
+        self.steps_per_epoch = self.total // layout.global_batch
+        if self.steps_per_epoch == 0:
+            raise ManifestError(f"split {split!r} has {self.total} samples, fewer than one global batch ({layout.global_batch})")
+        b = layout.micro_batch
+        self.window = max(b, math.ceil(shuffle_window / b) * b)  # whole batches per window
+        self.per_slot = self.steps_per_epoch * b
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+
+    def window_positions(self, epoch: int, slot: int, w: int) -> np.ndarray:
+        """Sequence positions of window w of a slot's span, in their shuffled order."""
+        start = slot * self.per_slot + w * self.window
+        stop = min(start + self.window, (slot + 1) * self.per_slot)
+        return np.random.default_rng([self.seed, epoch, slot, w]).permutation(np.arange(start, stop))
+
+    def batch_positions(self, epoch: int, slot: int, k: int) -> np.ndarray:
+        per_window = self.window // self.layout.micro_batch
+        w, i = divmod(k, per_window)
+        b = self.layout.micro_batch
+        return self.window_positions(epoch, slot, w)[i * b : (i + 1) * b]
+
+    def schedule(self, step: int) -> Iterator[tuple[int, int, int, int]]:
+        """(logical batch index j, epoch, slot, batch-in-slot k) of this rank from `step` on."""
+        a_steps = self.layout.accum_steps
+        j = 0
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            for a in range(a_steps):
+                yield j, epoch, self.rank * a_steps + a, k
+                j += 1
+            step += 1
+
+    def __iter__(self):
+        wid, nw = self._worker()
+        reader = _ShardReader(self.root, self.endpoint)
+        augment = TrainAugment(self.aug, len(self.classes))
+        cache_key, cache = None, {}
+        for j, epoch, slot, k in self.schedule(self.start_step):
+            if j % nw != wid:
+                continue
+            order = self.shard_order(epoch)
+            w = k // (self.window // self.layout.micro_batch)
+            if cache_key != (epoch, slot, w):
+                cache_key = (epoch, slot, w)
+                cache = self._fetch(reader, self._locate(order, np.sort(self.window_positions(epoch, slot, w))))
+            locs = self._locate(order, self.batch_positions(epoch, slot, k))
+            yield self._make_batch(locs, cache, augment, (self.seed, epoch, slot, k), epoch, k)
+
+    def _make_batch(self, locs, cache, augment, rng_key, epoch, k) -> dict:
+        images, labels, keys, bad = [], [], [], 0
+        for sh, off in locs:
+            sample = cache.get((sh, off))
+            img, lab = self._decode(sample, f"{self.shards[sh].name}#{off}", None)
+            if img is None:
+                bad += 1
+            images.append(img)
+            labels.append(lab)
+            keys.append(sample["__key__"] if sample else f"{self.shards[sh].name}#{off}")
+        good = [i for i, im in enumerate(images) if im is not None]
+        for i, im in enumerate(images):  # keep the batch shape: reuse a good sample of the same batch
+            if im is None:
+                src = good[i % len(good)] if good else None
+                images[i] = images[src] if src is not None else torch.zeros(3, self.aug.train_res, self.aug.train_res, dtype=torch.uint8)
+                labels[i] = labels[src] if src is not None else 0
+        # Augmentation randomness is a function of (seed, epoch, slot, k): resume-exact, and it
+        # leaves the trainer's own RNG (stochastic depth, dropout) untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.default_rng(list(rng_key)).integers(2**62)))
+            x, y = augment(images, torch.tensor(labels))
+        return {"image": x, "target": y, "keys": keys, "bad": bad, "epoch": epoch, "step_in_epoch": k}
+
+
+class EvalStream(_Stream):
+    """A rank's share of a split for exact evaluation: every sample once across ranks, padded batches."""
+
+    def __init__(self, root: str, split: str, batch: int, rank: int, world: int, aug: AugmentConfig, endpoint: str | None = None):
+        super().__init__(root, split, endpoint)
+        self.batch, self.rank, self.world, self.aug = batch, rank, world, aug
+        per_rank = math.ceil(self.total / world)
+        self.start, self.stop = min(rank * per_rank, self.total), min((rank + 1) * per_rank, self.total)
+        self.num_batches = max(1, math.ceil(per_rank / batch))  # identical on every rank
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        wid, nw = self._worker()
+        reader = _ShardReader(self.root, self.endpoint)
+        transform = EvalTransform(self.aug)
+        order = np.arange(len(self.shards))
+        res = self.aug.eval_res
+        for j in range(self.num_batches):
+            if j % nw != wid:
+                continue
+            positions = np.arange(self.start + j * self.batch, min(self.start + (j + 1) * self.batch, self.stop))
+            locs = self._locate(order, positions) if len(positions) else []
+            cache = self._fetch(reader, locs) if locs else {}
+            images = torch.zeros(self.batch, 3, res, res, dtype=torch.uint8)
+            labels = torch.zeros(self.batch, dtype=torch.long)
+            mask = torch.zeros(self.batch)
+            keys, bad = [], 0
+            for i, (sh, off) in enumerate(locs):
+                sample = cache.get((sh, off))
+                img, lab = self._decode(sample, f"{self.shards[sh].name}#{off}", res)
+                if img is None:
+                    bad += 1
+                    continue
+                images[i], labels[i], mask[i] = transform(img), lab, 1.0
+                keys.append(sample["__key__"])
+            yield {"image": images, "label": labels, "mask": mask, "keys": keys, "bad": bad}
+
+
+def _loader(ds: IterableDataset, workers: int, prefetch: int) -> DataLoader:
+    return DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=prefetch if workers else None,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)  # fmt: skip
+
+
+def train_loader(root: str, layout: Layout, rank: int, aug: AugmentConfig, *, workers: int = 2, prefetch: int = 2,
+                 check: bool = True, **kw) -> tuple[DataLoader, TrainStream]:  # fmt: skip
+    ds = TrainStream(root, layout, rank, aug, **kw)
+    if check:
+        check_shards(root, ds.shards, ds.endpoint)
+    return _loader(ds, workers, prefetch), ds
+
+
+def eval_loader(root: str, split: str, batch: int, rank: int, world: int, aug: AugmentConfig, *, workers: int = 2,
+                prefetch: int = 2, endpoint: str | None = None, check: bool = True) -> tuple[DataLoader, EvalStream]:  # fmt: skip
+    ds = EvalStream(root, split, batch, rank, world, aug, endpoint)
+    if check:
+        check_shards(root, ds.shards, endpoint)
+    return _loader(ds, workers, prefetch), ds

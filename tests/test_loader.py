@@ -1,0 +1,172 @@
+"""pipeline.data: per-rank balance, exact-once evaluation, sample-exact resume, S3, augmentation."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.manifest import ManifestError
+from data_prep.pack import PackOptions, pack
+from pipeline.augment import AugmentConfig, TrainAugment
+from pipeline.data import EvalStream, Layout, TrainStream, eval_loader, train_loader
+
+AUG = AugmentConfig(train_res=16, eval_res=16, randaug_layers=1)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> str:
+    """fashion-mnist, 700 train / 87 heldout-ish, uneven shards of 50 (last one short)."""
+    out = tmp_path_factory.mktemp("fm") / "out"
+    pack("fashion-mnist", str(out), PackOptions(samples_per_shard=50, limit_per_split=800, heldout_fraction=0.1), progress=False)
+    return str(out)
+
+
+def keys_of(loader, n_batches):
+    return [b["keys"] for b in itertools.islice(loader, n_batches)]
+
+
+@pytest.mark.parametrize("world,accum,workers", [(1, 1, 0), (2, 1, 2), (3, 2, 1), (4, 1, 3)])
+def test_every_rank_same_batches_and_epoch_exactly_once(packed, world, accum, workers):
+    layout = Layout(micro_batch=8, world_size=world, accum_steps=accum)
+    seen, per_rank = Counter(), []
+    for rank in range(world):
+        dl, ds = train_loader(packed, layout, rank, AUG, workers=workers, shuffle_window=24)
+        n = ds.steps_per_epoch * accum
+        batches = keys_of(dl, n)
+        per_rank.append(len(batches))
+        for keys in batches:
+            assert len(keys) == 8
+            seen.update(keys)
+    assert len(set(per_rank)) == 1 and per_rank[0] == ds.steps_per_epoch * accum
+    # one epoch: every scheduled sample exactly once; the leftover is N mod G
+    assert set(seen.values()) == {1}
+    assert ds.total - len(seen) == ds.total % layout.global_batch
+    # fewer shards than readers is fine (here 15 shards, up to 12 readers)
+    assert len(ds.shards) >= 1
+
+
+def test_same_samples_per_step_for_world_vs_accumulation(packed):
+    """1 rank x 2 micro-steps == 2 ranks x 1 micro-step, optimizer step by optimizer step."""
+    one, _ = train_loader(packed, Layout(8, 1, 2), 0, AUG, workers=0)
+    r0, _ = train_loader(packed, Layout(8, 2, 1), 0, AUG, workers=0)
+    r1, _ = train_loader(packed, Layout(8, 2, 1), 1, AUG, workers=0)
+    a = keys_of(one, 10)
+    b = [x for pair in zip(keys_of(r0, 5), keys_of(r1, 5)) for x in pair]
+    assert a == b
+
+
+def test_kill_and_resume_is_sample_exact(packed):
+    """Stop after 7 optimizer steps, resume from step 7 (even with another worker count):
+    the samples match an uninterrupted run and the interrupted epoch uses each sample once."""
+    layout = Layout(8, 2, 1)
+    steps = TrainStream(packed, layout, 0, AUG).steps_per_epoch
+    full = {r: keys_of(train_loader(packed, layout, r, AUG, workers=2)[0], steps) for r in range(2)}
+    first = {r: keys_of(train_loader(packed, layout, r, AUG, workers=1)[0], 7) for r in range(2)}
+    rest = {r: keys_of(train_loader(packed, layout, r, AUG, workers=3, start_step=7)[0], steps - 7) for r in range(2)}
+    for r in range(2):
+        assert first[r] + rest[r] == full[r]
+    epoch_keys = Counter(k for r in range(2) for b in first[r] + rest[r] for k in b)
+    assert set(epoch_keys.values()) == {1} and len(epoch_keys) == steps * layout.global_batch
+    # images are bit-identical too (augmentation randomness is keyed by position, not by worker)
+    x_full = next(iter(train_loader(packed, layout, 1, AUG, workers=0, start_step=9)[0]))["image"]
+    x_res = list(itertools.islice(train_loader(packed, layout, 1, AUG, workers=2, start_step=7)[0], 3))[2]["image"]
+    assert torch.equal(x_full, x_res)
+
+
+@pytest.mark.parametrize("world,batch,workers", [(1, 16, 0), (3, 10, 2), (5, 7, 1)])
+def test_eval_sees_every_sample_once(packed, world, batch, workers):
+    counts, lengths, total_mask = Counter(), [], 0.0
+    for rank in range(world):
+        dl, ds = eval_loader(packed, "heldout", batch, rank, world, AUG, workers=workers)
+        batches = list(dl)
+        lengths.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (batch, 3, 16, 16)
+            total_mask += b["mask"].sum().item()
+            counts.update(b["keys"])
+    assert len(set(lengths)) == 1
+    assert set(counts.values()) == {1} and len(counts) == ds.total == total_mask
+
+
+def test_startup_errors_name_the_shard(packed, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(packed, broken)
+    (broken / "train-000003.tar").unlink()
+    with pytest.raises(ManifestError, match="train-000003.tar is listed in the manifest but missing"):
+        train_loader(str(broken), Layout(8), 0, AUG)
+    shutil.copy(Path(packed) / "train-000003.tar", broken / "train-000003.tar")
+    with open(broken / "train-000004.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(ManifestError, match="train-000004.tar has .* bytes"):
+        train_loader(str(broken), Layout(8), 0, AUG)
+
+
+def test_corrupt_and_truncated_samples_are_skipped_and_counted(packed, tmp_path):
+    import json
+    import shutil
+    import tarfile
+
+    broken = tmp_path / "b"
+    shutil.copytree(packed, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    shard = manifest["splits"]["train"]["shards"][0]
+    path = broken / shard["name"]
+    # corrupt the first JPEG's payload (keep sizes), and cut the shard after 10 samples
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    jpg = next(m for m in members if m.name.endswith(".jpg"))
+    data[jpg.offset_data : jpg.offset_data + jpg.size] = b"\x00" * jpg.size
+    cut = members[30].offset  # 10 samples x 3 members
+    path.write_bytes(bytes(data[:cut]))
+    layout = Layout(micro_batch=50, world_size=1)
+    ds = TrainStream(str(broken), layout, 0, AUG, shuffle_window=50)
+    bad = sum(b["bad"] for b in itertools.islice(iter(ds), ds.steps_per_epoch))
+    assert bad == 41  # 1 corrupt + 40 lost to truncation, all from the first shard
+    x = next(iter(ds))["image"]
+    assert torch.isfinite(x).all()
+
+
+def test_augmentation_shapes_and_mixed_labels():
+    torch.manual_seed(0)
+    aug = TrainAugment(AugmentConfig(train_res=24, label_smoothing=0.1), num_classes=10)
+    imgs = [torch.randint(0, 256, (3, 40 + i, 30), dtype=torch.uint8) for i in range(8)]
+    labels = torch.arange(8) % 10
+    x, y = aug(imgs, labels)
+    assert x.shape == (8, 3, 24, 24) and x.dtype == torch.uint8 and y.shape == (8, 10)
+    assert torch.allclose(y.sum(1), torch.ones(8), atol=1e-5)  # mixing and smoothing keep mass 1
+    assert (y.min(1).values >= 0.01 - 1e-6).all()  # smoothing floor eps/C
+    assert ((y > 0.011).sum(1) == 2).any()  # MixUp/CutMix targets involve two classes
+    off = TrainAugment(AugmentConfig(train_res=24, mixup_alpha=0, cutmix_alpha=0, randaug_layers=0, label_smoothing=0), 10)
+    _, y_off = off(imgs, labels)
+    assert torch.equal(y_off, torch.nn.functional.one_hot(labels, 10).float())
+
+
+def test_s3_reading_through_moto(packed, s3_server, s3_bucket):
+    from data_prep.storage import Store
+
+    dst = Store(f"s3://{s3_bucket}/fm", s3_server)
+    for p in sorted(Path(packed).iterdir()):
+        dst.write_bytes_atomic(p.name, p.read_bytes())
+    layout = Layout(8, 2, 1)
+    local = keys_of(train_loader(packed, layout, 1, AUG, workers=0)[0], 6)
+    remote = keys_of(train_loader(f"s3://{s3_bucket}/fm", layout, 1, AUG, workers=2, endpoint=s3_server)[0], 6)
+    assert local == remote
+    es = EvalStream(f"s3://{s3_bucket}/fm", "heldout", 32, 0, 1, AUG, endpoint=s3_server)
+    assert sum(b["mask"].sum().item() for b in es) == es.total
+
+
+def test_normalize_on_device_matches_imagenet_stats():
+    from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+    x = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
+    out = normalize(x)
+    for c in range(3):
+        expected = (128 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        assert out[:, c].allclose(torch.tensor(expected), atol=1e-5)
