@@ -1,29 +1,80 @@
-"""`make demo`: what the project can do today, on CPU, with real numbers only.
+"""`make demo`: the main job on the embedded default, as a user would run it on a cluster.
 
-Prints the NFNet family (exact parameter counts, published-convention GMACs, training FLOPs per
-image) and the signal-propagation check of a small member. Pretraining joins here when it lands.
+1. pack the sample corpus (fashion-mnist) into data/fashion-mnist unless it is already there;
+2. start a local Ray head (dashboard and job server on 127.0.0.1) unless one is running;
+3. `ray job submit --working-dir . -- python launch/pretrain_f7.py --preset demo`;
+4. print the held-out loss and where the TensorBoard logs and the export are.
 """
 
 from __future__ import annotations
 
-from models import create_model, list_models, resolve_config
-from models.flops import forward_macs, train_flops_per_image
-from models.spp import format_table, measure
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "fashion-mnist"
+RUNS = ROOT / "runs"
+DASHBOARD = "http://127.0.0.1:8265"
 
 
-def main() -> None:
-    print(f"{'model':<14} {'params':>13} {'train res':>9} {'GMACs@test':>10} {'train GFLOPs/img':>16}")
-    for name in list_models():
-        if name.endswith("plus") and name not in ("nfnet_f0plus", "nfnet_f7plus"):
-            continue
-        cfg = resolve_config(name)
-        params = sum(p.numel() for p in create_model(name, device="meta").parameters())
-        macs = forward_macs(cfg, cfg.test_res) / 1e9
-        train = train_flops_per_image(cfg, cfg.train_res) / 1e9
-        print(f"{name:<14} {params:>13,} {cfg.train_res:>9} {macs:>10.2f} {train:>16.2f}")
-    print("\nSignal propagation at init, nfnet_f0 at width 1/4, 128px white noise, strides 1 (python -m models.spp):")
-    print(format_table(measure(create_model("nfnet_f0", width_mult=0.25, strides=(1, 1, 1, 1)), batch=4, resolution=128)))
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=check, cwd=ROOT, **kw)
+
+
+def ray_running() -> bool:
+    """A Ray head answers on its GCS port (`ray status` would retry for minutes when there is none)."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def main() -> int:
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '')}"  # the job's `python` is the venv's
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray >= 2.59 turns on token authentication for local clusters; the job client must then send
+    # the token too. Use token mode throughout, with the token in Ray's default file (~/.ray/auth_token).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+        sh("ray", "get-auth-token", "--generate", capture_output=True)
+    if not (DATA / "manifest.json").exists():
+        sh(sys.executable, "-m", "data_prep", "pack", "fashion-mnist", str(DATA), "--heldout-fraction", "0.02",
+           "--samples-per-shard", "1000", "--workers", "2")  # fmt: skip
+    started = False
+    if not ray_running():
+        sh("ray", "start", "--head", "--port", "6379", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", "8265", "--disable-usage-stats")  # fmt: skip
+        started = True
+    name = time.strftime("demo-%Y%m%d-%H%M%S")
+    try:
+        t0 = time.time()
+        sh("ray", "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
+           "python", "launch/pretrain_f7.py", "--preset", "demo", "--set", f"data.root={DATA}",
+           "--set", f"run.storage={RUNS}", "--set", f"run.name={name}")  # fmt: skip
+        wall = time.time() - t0
+    finally:
+        if started:
+            sh("ray", "stop", check=False, capture_output=True)
+    run = RUNS / name
+    summary = json.loads((run / "export" / "summary.json").read_text())
+    print("\n=== demo summary ===")
+    print(f"trained {summary['steps']} steps ({summary['epochs']:.2f} epochs, {summary['samples_seen']} samples, "
+          f"{summary['train_flops']:.3g} training FLOPs) in {summary['wall_time_s']:.0f} s of training, {wall:.0f} s job")  # fmt: skip
+    print(f"held-out loss {summary['heldout_raw_loss']:.4f} (EMA {summary['heldout_ema_loss']:.4f}), "
+          f"top-1 {summary['heldout_raw_top1']:.3f} (EMA {summary['heldout_ema_top1']:.3f}) on {summary['heldout_samples']} images")  # fmt: skip
+    print(f"TensorBoard: tensorboard --logdir {run / 'tensorboard'} --host 127.0.0.1")
+    print(f"export for fine-tuning: {run / 'export'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

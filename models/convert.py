@@ -35,7 +35,7 @@ def convert_timm_state_dict(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch
         new = key
         for pattern, repl in _RENAMES:
             new = pattern.sub(repl, new)
-        if new.endswith(".gain"):
+        if new.endswith(".gain") or new.endswith(".skip_gain"):
             value = value.reshape(-1)
         elif ".se.fc" in new and new.endswith(".weight"):
             value = value.reshape(value.shape[0], value.shape[1])

@@ -46,7 +46,9 @@ class NFBlock(nn.Module):
         self.conv2b = conv(mid, mid, 3, 1, groups)  # NFNet's second 3x3
         self.conv3 = conv(mid, out_ch)
         self.se = SqueezeExcite(out_ch, cfg.se_width(out_ch))
-        self.skip_gain = nn.Parameter(torch.zeros(()))  # SkipInit: the block starts as identity
+        # SkipInit: the block starts as identity. One element of shape (1,), not a 0-dim tensor:
+        # DeepSpeed's initial parameter broadcast views every parameter as bytes, which fails for 0-dim.
+        self.skip_gain = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x)[0]

@@ -65,12 +65,17 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     """A real single-node Ray cluster started with `ray start`; yields its GCS address.
-    The dashboard and job server bind to 127.0.0.1 only."""
+    The dashboard and job server bind to 127.0.0.1 only. It starts after the S3 server so its
+    workers inherit the (dummy) AWS environment, as workers on a real cluster inherit theirs."""
     port, dash = free_port(), free_port()
+    # Token authentication, as Ray >= 2.59 does for local clusters, with the token in Ray's default
+    # file; this process (ray.init) and the cluster must agree on the mode.
+    os.environ["RAY_AUTH_MODE"] = "token"
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
     ray = str(VENV_BIN / "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
     subprocess.run([ray, "start", "--head", "--port", str(port), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],

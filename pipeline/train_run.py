@@ -1,0 +1,305 @@
+"""One training run inside a Ray Train worker, built in dependency order:
+device -> manifest -> model -> optimizer -> DeepSpeed engine -> EMA -> resume -> loaders -> loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+from data_prep.manifest import load_manifest
+from data_prep.storage import Store
+
+from .augment import normalize
+from .config import TrainConfig
+from .data import Layout, eval_loader, train_loader
+from .state import gather_state, read_checkpoint, restore_state, write_checkpoint, write_export
+from .trainer import (
+    GPU_PEAK_BF16,
+    SkippableSGD,
+    agc_at_boundary,
+    deepspeed_config,
+    evaluate,
+    lr_at,
+    make_ema,
+    seed_for,
+    soft_cross_entropy,
+)
+
+log = logging.getLogger("nfnet.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainRun:
+    def __init__(self, cfg: TrainConfig):
+        import ray.train
+
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if self.world != cfg.run.num_workers:
+            raise RuntimeError(f"Ray started {self.world} workers but run.num_workers is {cfg.run.num_workers}")
+        self.A = cfg.accum_steps
+        self.endpoint = cfg.data.s3_endpoint or None
+        gpu = cfg.run.use_gpu and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if gpu else "cpu")
+        if gpu:
+            torch.cuda.set_device(self.device)
+        else:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
+        self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and gpu)
+        self.manifest = load_manifest(cfg.data.root, self.endpoint)
+        self.classes = self.manifest["classes"]
+
+    # ---- build -------------------------------------------------------------------------------
+    def build(self) -> None:
+        import deepspeed
+
+        from models.flops import train_flops_per_image
+
+        from .finetune_init import build_model
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.model, self.model_info = build_model(cfg.model, len(self.classes))
+        self.exclude = self.model.agc_exclude_names()
+        self.flops_per_image = train_flops_per_image(self.model.cfg, cfg.aug.train_res, len(self.classes))
+        self.opt = SkippableSGD(self.model.param_groups(cfg.optim.weight_decay), lr=cfg.peak_lr,
+                                momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)  # fmt: skip
+        self.opt.skip = True  # bf16 at ZeRO-0 steps the optimizer once at init with zero grads
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model.to(self.device), optimizer=self.opt,
+                                                    config=deepspeed_config(cfg, self.bf16), dist_init_required=False)  # fmt: skip
+        self.opt.skip = False
+        self.module = self.engine.module
+        self.ema = make_ema(self.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.counters = {"step": 0, "samples_seen": 0, "train_flops": 0.0, "bad_samples": 0, "skipped_steps": 0,
+                         "wall_time_s": 0.0, "ema_updates": 0, "resumes": 0}  # fmt: skip
+
+    def maybe_resume(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            tensors, counters = read_checkpoint(d)
+        restore_state(self.module, self.opt, self.ema, tensors, self.engine.optimizer)
+        self.counters.update(counters["counters"])
+        self.counters["resumes"] += 1
+        if self.ema is not None:
+            self.ema.n_averaged.fill_(self.counters["ema_updates"])
+        if self.rank == 0:
+            log.warning("resumed from checkpoint at step %d", self.counters["step"])
+
+    # ---- loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        self.build()
+        self.maybe_resume()
+        layout = Layout(cfg.schedule.micro_batch, self.world, self.A)
+        start = self.counters["step"]
+        self.train_dl, self.train_ds = train_loader(
+            cfg.data.root, layout, self.rank, cfg.aug, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+            split=cfg.data.train_split, seed=cfg.run.seed, start_step=start, shuffle_window=cfg.data.shuffle_window,
+            endpoint=self.endpoint,
+        )  # fmt: skip
+        self.total_steps = cfg.total_steps(self.train_ds.total, self.flops_per_image)
+        steps_per_epoch = self.train_ds.total / cfg.schedule.global_batch
+        self.writer = self._writer() if self.rank == 0 else None
+        it = iter(self.train_dl)
+        bad_in_row, t_last, imgs_since = 0, time.perf_counter(), 0
+        t_run = time.perf_counter() - self.counters["wall_time_s"]
+        for step in range(start, self.total_steps):
+            lr = lr_at(step, cfg, steps_per_epoch, self.total_steps)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            losses, bad_samples = [], 0
+            for a in range(self.A):
+                batch = next(it)
+                torch.manual_seed(seed_for(cfg.run.seed, step, self.rank * self.A + a))  # SD/dropout per slot
+                x = normalize(batch["image"].to(self.device, non_blocking=True))
+                y = batch["target"].to(self.device, non_blocking=True)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logits = self.engine(x)
+                loss = soft_cross_entropy(logits, y)
+                self.engine.backward(loss)
+                losses.append(loss.detach())
+                bad_samples += batch["bad"]
+                if a == self.A - 1:
+                    stats = self._boundary(torch.stack(losses))
+                self.engine.step()
+            skipped = self.opt.skip
+            self.opt.skip = False
+            flags = torch.tensor([torch.stack(losses).mean().item(), float(bad_samples)], dtype=torch.float64)
+            torch.distributed.all_reduce(flags)
+            mean_loss = flags[0].item() / self.world
+            c = self.counters
+            c["step"] = step + 1
+            c["samples_seen"] += cfg.schedule.global_batch
+            c["train_flops"] += self.flops_per_image * cfg.schedule.global_batch
+            c["bad_samples"] += int(flags[1].item())
+            if skipped:
+                c["skipped_steps"] += 1
+                bad_in_row += 1
+                if bad_in_row >= cfg.schedule.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_in_row} consecutive steps had a non-finite loss (last at step {step}); stopping. "
+                        "The last good checkpoint is kept; lower optim.lr_base or check the data."
+                    )
+            else:
+                bad_in_row = 0
+                if self.ema is not None:
+                    self.ema.update_parameters(self.module)
+                    c["ema_updates"] += 1
+            imgs_since += cfg.schedule.global_batch
+            if self.writer is not None and (step + 1) % cfg.schedule.log_every == 0:
+                ips = imgs_since / max(time.perf_counter() - t_last, 1e-9)
+                self._log_train(step + 1, mean_loss, lr, stats, ips, skipped)
+                print(f"step {step + 1}/{self.total_steps} loss {mean_loss:.4f} lr {lr:.4g} "
+                      f"agc-clipped {stats.clip_fraction:.3f} {ips:.0f} img/s", flush=True)  # fmt: skip
+                t_last, imgs_since = time.perf_counter(), 0
+            c["wall_time_s"] = time.perf_counter() - t_run
+            last = step + 1 == self.total_steps
+            metrics = {"step": step + 1, "loss": mean_loss, "lr": lr}
+            if (cfg.schedule.eval_every and (step + 1) % cfg.schedule.eval_every == 0) or last:
+                metrics.update(self._evaluate(step + 1))
+            if (cfg.schedule.ckpt_every and (step + 1) % cfg.schedule.ckpt_every == 0) or last:
+                self._checkpoint(metrics)
+            else:
+                ray.train.report(metrics)
+        if self.cfg.run.export:
+            self._export()
+        if self.writer is not None:
+            self.writer.close()
+            self._sync_tensorboard()
+
+    def _boundary(self, losses: torch.Tensor):
+        """At the accumulation boundary: agree on finiteness across ranks, then AGC."""
+        from .agc import AGCStats
+
+        finite = torch.tensor([float(torch.isfinite(losses).all())])
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.opt.skip = True
+            return AGCStats(torch.zeros(()), 0, torch.zeros(()))
+        if self.cfg.optim.agc_clip > 0:
+            return agc_at_boundary(self.module, self.exclude, self.cfg.optim.agc_clip, self.cfg.optim.agc_eps, self.cfg.run.zero_stage)
+        return AGCStats(torch.zeros(()), 0, torch.zeros(()))
+
+    # ---- evaluation, logging, checkpoints, export ----------------------------------------------
+    def _evaluate(self, step: int) -> dict:
+        cfg = self.cfg
+        dl, _ = eval_loader(cfg.data.root, cfg.data.eval_split, cfg.schedule.micro_batch, self.rank, self.world,
+                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint)  # fmt: skip
+        out = {}
+        for tag, module in (("raw", self.module), ("ema", self.ema.module if self.ema is not None else None)):
+            if module is None:
+                continue
+            r = evaluate(module, dl, self.device)
+            out[f"heldout_{tag}_loss"], out[f"heldout_{tag}_top1"] = r["loss"], r["top1"]
+            out["heldout_samples"] = r["samples"]
+            if self.writer is not None:
+                self.writer.add_scalar(f"heldout/{tag}_loss", r["loss"], step)
+                self.writer.add_scalar(f"heldout/{tag}_top1", r["top1"], step)
+        self.last_eval = out
+        return out
+
+    def _writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb_dir = self._run_store_local("tensorboard")
+        return SummaryWriter(self.tb_dir)
+
+    def _run_store_local(self, sub: str) -> str:
+        """A local directory for `sub` of the run: inside the run dir for local storage, else a temp dir synced later."""
+        storage = self.cfg.run.storage
+        if storage.startswith("s3://"):
+            import tempfile
+
+            return tempfile.mkdtemp(prefix=f"nfnet-{sub}-")
+        path = os.path.join(os.path.abspath(storage), self.cfg.run.name, sub)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def _sync_tensorboard(self) -> None:
+        if self.cfg.run.storage.startswith("s3://"):
+            store = Store(f"{self.cfg.run.storage.rstrip('/')}/{self.cfg.run.name}/tensorboard", self.endpoint)
+            for name in os.listdir(self.tb_dir):
+                p = os.path.join(self.tb_dir, name)
+                if os.path.isfile(p):
+                    store.write_bytes_atomic(name, open(p, "rb").read())
+
+    def _log_train(self, step: int, loss: float, lr: float, stats, ips: float, skipped: bool) -> None:
+        w, c = self.writer, self.counters
+        w.add_scalar("train/loss", loss, step)
+        w.add_scalar("train/lr", lr, step)
+        w.add_scalar("train/agc_clip_fraction", stats.clip_fraction, step)
+        w.add_scalar("train/agc_max_ratio", float(stats.max_ratio), step)
+        w.add_scalar("train/skipped_steps", c["skipped_steps"], step)
+        w.add_scalar("perf/images_per_s", ips, step)
+        w.add_scalar("progress/samples_seen", c["samples_seen"], step)
+        w.add_scalar("progress/train_flops", c["train_flops"], step)
+        w.add_scalar("progress/epochs", c["samples_seen"] / self.train_ds.total, step)
+        w.add_scalar("data/bad_samples", c["bad_samples"], step)
+        peak = self.cfg.run.device_peak_flops
+        if not peak and self.device.type == "cuda":
+            name = torch.cuda.get_device_name(self.device)
+            peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 0.0)
+        if peak:
+            w.add_scalar("perf/mfu", ips * self.flops_per_image / (peak * self.world), step)
+
+    def _checkpoint(self, metrics: dict) -> None:
+        import ray.train
+
+        tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)  # collective at ZeRO >= 1
+        if self.rank == 0:
+            d = tempfile_dir()
+            write_checkpoint(d, tensors, {"counters": self.counters, "config": self.cfg.to_dict()})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+    def _export(self) -> None:
+        tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)
+        if self.rank != 0:
+            return
+        c = self.counters
+        summary = {
+            "train_flops": c["train_flops"], "samples_seen": c["samples_seen"],
+            "epochs": c["samples_seen"] / self.train_ds.total, "steps": c["step"],
+            "train_flops_per_image": self.flops_per_image, "wall_time_s": c["wall_time_s"],
+            "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "world_size": self.world,
+            "resumes": c["resumes"],
+            "global_batch": self.cfg.schedule.global_batch, "data": self.cfg.data.root,
+            **getattr(self, "last_eval", {}),
+        }  # fmt: skip
+        dest = f"{self.cfg.run.storage.rstrip('/')}/{self.cfg.run.name}/export"
+        if not dest.startswith("s3://"):
+            dest = os.path.abspath(dest)
+        write_export(dest, tensors, self.model_info, self.classes, summary, self.endpoint)
+        if self.writer is not None:
+            hparams = {"model": self.cfg.model.name, "width_mult": self.cfg.model.width_mult, "lr_base": self.cfg.optim.lr_base,
+                       "global_batch": self.cfg.schedule.global_batch, "agc_clip": self.cfg.optim.agc_clip,
+                       "weight_decay": self.cfg.optim.weight_decay, "zero_stage": self.cfg.run.zero_stage}  # fmt: skip
+            final = {f"final/{k}": v for k, v in getattr(self, "last_eval", {}).items() if isinstance(v, float)}
+            self.writer.add_hparams(hparams, final, run_name=".")
+        log.warning("export written to %s", dest)
+        print(json.dumps({"export": dest, **summary}))
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="nfnet-ckpt-")

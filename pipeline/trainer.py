@@ -1,0 +1,134 @@
+"""The training loop that runs in every Ray Train worker: DeepSpeed data parallelism, AGC, EMA.
+
+One optimizer step (global batch G = B x A x W):
+    for a in 0..A-1:  loss = CE(model(x_a), soft targets); engine.backward(loss); [boundary:] AGC; engine.step()
+At the accumulation boundary (after the last backward, before engine.step) the gradient is the
+global-batch average: at ZeRO-0 it sits in p.grad (all-reduced); at ZeRO-1/2 it is partitioned and
+DeepSpeed's safe_get_full_grad/safe_set_full_grad gather and scatter it. AGC there is exact at every
+stage (../shared/docs/stack-notes.md); inside the client optimizer's step it would be wrong at
+ZeRO >= 1, which sees one flat partition per rank.
+
+Randomness: model randomness (stochastic depth, dropout) is seeded per (seed, step, slot) and data
+randomness per (seed, epoch, slot, batch), so a resumed run, and a run with another worker count
+but the same global and micro batch, computes exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class SkippableSGD(torch.optim.SGD):
+    """torch SGD (Nesterov, coupled weight decay) whose step can be skipped for a non-finite loss.
+    Under ZeRO-1/2 DeepSpeed calls this step on flat partitions; skipping it leaves them unchanged."""
+
+    skip = False
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> float:
+    """Linear warmup from 0 over warmup_epochs, then cosine decay to 0 (DM optim.py)."""
+    warm = cfg.optim.warmup_epochs * steps_per_epoch
+    peak = cfg.peak_lr
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1.0, total_steps - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c y_c log softmax(z)_c; logits cast to fp32 (DM experiment.py)."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def make_ema(module: torch.nn.Module, decay: float):
+    """EMA of the weights in DM's tf1_ema form: d_t = min(decay, (1 + t) / (10 + t))."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def avg(ema_p, p, n):
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return ema_p * d + p.float() * (1 - d)
+
+    ema = AveragedModel(module, avg_fn=avg, use_buffers=False)
+    for p in ema.parameters():
+        p.data = p.data.float()
+    return ema
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, loader, device) -> dict:
+    """Exact held-out loss/top-1: masked sums all-reduced over ranks."""
+    from .augment import normalize
+
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch in loader:
+        x, y, m = normalize(batch["image"].to(device)), batch["label"].to(device), batch["mask"].to(device)
+        logits = module(x).float()
+        ce = F.cross_entropy(logits, y, reduction="none")
+        sums += torch.stack([(ce * m).sum(), ((logits.argmax(-1) == y).float() * m).sum(), m.sum(),
+                             torch.tensor(float(batch["bad"]), device=device)]).double()  # fmt: skip
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    module.train(was_training)
+    loss, correct, n, bad = sums.tolist()
+    return {"loss": loss / max(n, 1), "top1": correct / max(n, 1), "samples": int(n), "bad": int(bad)}
+
+
+def agc_at_boundary(module: torch.nn.Module, exclude: set[str], clip: float, eps: float, zero_stage: int):
+    """AGC on the full, globally averaged gradient; returns AGCStats."""
+    from .agc import adaptive_grad_clip_
+
+    if zero_stage == 0:  # p.grad is the all-reduced average: clip in place
+        return adaptive_grad_clip_(((p, p.grad) for n, p in module.named_parameters() if n not in exclude), clip, eps)
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    pairs = []
+    for n, p in module.named_parameters():
+        if n not in exclude:
+            g = safe_get_full_grad(p)
+            if g is not None:
+                pairs.append((p, g.clone()))
+    stats = adaptive_grad_clip_(pairs, clip, eps)
+    for p, g in pairs:
+        safe_set_full_grad(p, g)
+    return stats
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.schedule.micro_batch,
+        "gradient_accumulation_steps": cfg.accum_steps,
+        "train_batch_size": cfg.schedule.global_batch,
+        "gradient_clipping": 0.0,  # AGC replaces it; recent DeepSpeed defaults to 1.0
+        "zero_optimization": {"stage": cfg.run.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point; `config` is {"train": TrainConfig.to_dict()}."""
+    from .train_run import TrainRun
+
+    TrainRun(TrainConfig.from_dict(config["train"])).run()
+
+
+def seed_for(*parts: int) -> int:
+    import numpy as np
+
+    return int(np.random.default_rng([int(p) for p in parts]).integers(2**62))
