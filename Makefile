@@ -51,6 +51,8 @@ demo: setup
 bench: setup
 	$(VENV)/bin/python bench/model_step.py
 	$(VENV)/bin/python bench/pack.py
+	$(VENV)/bin/python bench/loader.py
+	RAY_AUTH_MODE=token $(VENV)/bin/python bench/train_step.py --model nfnet_micro --res 96
 
 # Re-resolve the pins from the direct dependencies (maintainers only).
 lock:

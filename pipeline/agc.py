@@ -45,15 +45,16 @@ def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def clip_unitwise_(param: torch.Tensor, grad: torch.Tensor, clip: float, eps: float = 1e-3) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Clip `grad` in place for one tensor; returns (clipped units, units, max ratio)."""
-    p32, g32 = param.float(), grad.float()
-    max_norm = unitwise_norm(p32).clamp_(min=eps) * clip  # clip * ||W_i||*
-    g_norm = unitwise_norm(g32)
-    trigger = g_norm > max_norm
-    scale = torch.where(trigger, max_norm / g_norm.clamp(min=_GRAD_FLOOR), torch.ones_like(g_norm))
-    grad.mul_(scale.to(grad.dtype))
-    ratio = (g_norm / max_norm).max() * clip  # ||G_i|| / ||W_i||*
-    return trigger.sum(), trigger.numel(), ratio
+    """Clip `grad` in place for one tensor; returns (clipped units, units, max ratio).
+
+    scale = min(1, clip * ||W_i||* / max(||G_i||, 1e-6)) equals DM's
+    where(||G_i|| > clip * ||W_i||*, clip * ||W_i||* / max(||G_i||, 1e-6), 1), with fewer kernels.
+    """
+    max_norm = unitwise_norm(param.float()).clamp_(min=eps).mul_(clip)  # clip * ||W_i||*
+    g_norm = unitwise_norm(grad.float())
+    ratio = g_norm / max_norm  # > 1 exactly for the units that clip
+    grad.mul_((max_norm / g_norm.clamp(min=_GRAD_FLOOR)).clamp_(max=1.0).to(grad.dtype))
+    return (ratio > 1).sum(), ratio.numel(), ratio.max() * clip
 
 
 @torch.no_grad()

@@ -188,3 +188,17 @@ def test_tensorboard_export_and_s3_checkpoints(tiny_data, tmp_path, ray_cluster,
     assert any(n.startswith("tensorboard/events") for n in names)
     blob = b"".join(Store(f"{s3}/s3run", s3_server).read_bytes(n) for n in names if n.endswith(".json"))
     assert b"testing" not in blob  # the (dummy) secret key never lands in saved files
+
+
+@pytest.mark.slow
+def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(tiny_data, tmp_path, ray_cluster):
+    """An absurd lr without AGC blows the weights up: non-finite steps are skipped and counted,
+    and after max_bad_steps in a row the run stops, naming the cause; earlier checkpoints stay."""
+    from ray.train import TrainingFailedError
+
+    cfg = tiny_cfg(tiny_data, str(tmp_path), "nan", **{"optim.lr_base": 1e12, "optim.agc_clip": 0.0,
+                                                        "optim.warmup_epochs": 0, "schedule.max_bad_steps": 2,
+                                                        "schedule.ckpt_every": 1, "schedule.samples": 64 * 20})  # fmt: skip
+    with pytest.raises(TrainingFailedError, match="consecutive steps had a non-finite loss"):
+        run_fit(cfg, ray_cluster["address"])
+    assert list((tmp_path / "nan").glob("checkpoint_*/state.safetensors"))
