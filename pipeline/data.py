@@ -141,7 +141,8 @@ class _Stream(IterableDataset):
         for sh, off in locs:
             by_shard.setdefault(sh, set()).add(off)
         found = {}
-        for sh in sorted(by_shard):
+        # In sequence order, so the reader's open stream continues into the next window.
+        for sh in dict.fromkeys(sh for sh, _ in locs):
             for off, sample in reader.read(self.shards[sh], by_shard[sh]).items():
                 found[(sh, off)] = sample
         return found
