@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 
 import torch
@@ -225,7 +226,6 @@ class TrainRun:
         """A local directory for `sub` of the run: inside the run dir for local storage, else a temp dir synced later."""
         storage = self.cfg.run.storage
         if storage.startswith("s3://"):
-            import tempfile
 
             return tempfile.mkdtemp(prefix=f"nfnet-{sub}-")
         path = os.path.join(os.path.abspath(storage), self.cfg.run.name, sub)
@@ -263,8 +263,9 @@ class TrainRun:
         import ray.train
 
         tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)  # collective at ZeRO >= 1
+        self._gathered = (self.counters["step"], tensors)  # the export at the end reuses the last gather
         if self.rank == 0:
-            d = tempfile_dir()
+            d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
             write_checkpoint(d, tensors, {"counters": self.counters, "config": self.cfg.to_dict()})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             shutil.rmtree(d, ignore_errors=True)
@@ -272,7 +273,9 @@ class TrainRun:
             ray.train.report(metrics)
 
     def _export(self) -> None:
-        tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)
+        step, tensors = getattr(self, "_gathered", (None, None))
+        if step != self.counters["step"]:  # no checkpoint at this step (e.g. resumed past the end)
+            tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)
         if self.rank != 0:
             return
         c = self.counters
@@ -298,8 +301,3 @@ class TrainRun:
         log.warning("export written to %s", dest)
         print(json.dumps({"export": dest, **summary}))
 
-
-def tempfile_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="nfnet-ckpt-")
