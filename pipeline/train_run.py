@@ -226,7 +226,6 @@ class TrainRun:
         """A local directory for `sub` of the run: inside the run dir for local storage, else a temp dir synced later."""
         storage = self.cfg.run.storage
         if storage.startswith("s3://"):
-
             return tempfile.mkdtemp(prefix=f"nfnet-{sub}-")
         path = os.path.join(os.path.abspath(storage), self.cfg.run.name, sub)
         os.makedirs(path, exist_ok=True)
