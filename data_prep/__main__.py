@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, metavar="FILE", help="manifest sources: class names, one per line, line number = label")
     p.add_argument("--path-column", default=None, help="manifest column with the path or s3:// URI (default: path/uri/url/file/filename/image)")
     p.add_argument("--label-column", default=None, help="manifest column with the label(s) (default: label/labels/class/cls)")
+    p.add_argument("--val-labels", default=None, metavar="CSV", help="class folders with a flat val/: CSV of image id -> class (e.g. LOC_val_solution.csv)")
+    p.add_argument("--dedup", choices=("global", "split", "off"), default="global",
+                   help="drop byte-identical images across the whole output (global), within each split, or not at all")
     p.add_argument("--limit-per-split", type=int, default=0, help="pack only the first N items of each split (0: all)")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the per-split sample order in the shards")
     p.add_argument("--no-shuffle", action="store_true", help="keep source order in the shards (class by class for folders)")
@@ -69,6 +73,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
         image=ImageOptions(resize_shorter=a.resize, upscale=a.upscale, quality=a.quality, max_pixels=a.max_pixels),
         chunk_size=a.chunk_size, classes_file=a.classes, path_column=a.path_column, label_column=a.label_column,
         limit_per_split=a.limit_per_split, shuffle_seed=None if a.no_shuffle else a.shuffle_seed,
+        dedup=a.dedup, val_labels=os.path.abspath(a.val_labels) if a.val_labels else None,
     )  # fmt: skip
     if opts.samples_per_shard < 1 or not 0.0 <= opts.heldout_fraction < 1.0:
         raise PackError("--samples-per-shard must be >= 1 and --heldout-fraction in [0, 1)")

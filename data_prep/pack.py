@@ -57,10 +57,20 @@ class PackOptions:
     path_column: str | None = None
     label_column: str | None = None
     limit_per_split: int = 0
+    # "global": a byte-identical image is kept once in the whole output (first in source order:
+    # train before val, so val images that duplicate train images are dropped: no leakage);
+    # "split": once per split (ImageNet's val keeps its published count); "off".
+    dedup: str = "global"
+    val_labels: str | None = None  # labels CSV for a flat val/ folder (see sources.py)
 
     def fingerprint(self) -> dict:
-        """Everything that changes the output (and the staging layout), not how it is executed."""
-        return dataclasses.asdict(self)
+        """Everything that changes the output (and the staging layout), not how it is executed.
+        Options at their defaults that were added later are left out, so older packs still match."""
+        d = dataclasses.asdict(self)
+        for late, default in (("dedup", "global"), ("val_labels", None)):
+            if d[late] == default:
+                del d[late]
+        return d
 
 
 class PackError(Exception):
@@ -160,12 +170,13 @@ def make_plan(chunk_records: list[list[dict]], n_classes: int, opts: PackOptions
             if rec["status"] != "ok":
                 rejected.append({k: rec[k] for k in ("path", "location", "key", "split", "reason")})
                 continue
-            if rec["sha256"] in first_seen:
-                kept = first_seen[rec["sha256"]]
+            ident = (rec["split"], rec["sha256"]) if opts.dedup == "split" else rec["sha256"]
+            if opts.dedup != "off" and ident in first_seen:
+                kept = first_seen[ident]
                 duplicates.append({"key": rec["key"], "path": rec["path"], "sha256": rec["sha256"],
                                    "duplicate_of_key": kept["key"], "duplicate_of_path": kept["path"]})  # fmt: skip
                 continue
-            first_seen[rec["sha256"]] = rec
+            first_seen[ident] = rec
             split = rec["split"]
             if split == "train" and opts.heldout_fraction > 0 and heldout_draw(rec["key"]) < opts.heldout_fraction:
                 split = "heldout"
@@ -307,12 +318,14 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
     from tqdm import tqdm
 
     t0 = time.time()
+    if opts.dedup not in ("global", "split", "off"):
+        raise PackError(f"dedup must be 'global', 'split' or 'off', got {opts.dedup!r}")
     if not Store(source).s3 and source != "fashion-mnist" and not Store(out).s3:
         if Path(out).resolve().is_relative_to(Path(source).resolve()):
             raise PackError(f"OUT {out} lies inside SOURCE {source}; its shards would be read as input")
     corpus: Corpus = load_corpus(source, classes_file=opts.classes_file, path_column=opts.path_column,
                                  label_column=opts.label_column, limit_per_split=opts.limit_per_split,
-                                 endpoint=endpoint)  # fmt: skip
+                                 endpoint=endpoint, val_labels=opts.val_labels)  # fmt: skip
     store = Store(out, endpoint)
     if _prepare_out(store, source, opts, overwrite):
         manifest = json.loads(store.read_bytes(MANIFEST))

@@ -2,7 +2,9 @@
 
 SOURCE forms:
 - a local directory of class folders (`<root>/<class>/*`), or with `train/` and `val/` below
-  the root, each a split of class folders;
+  the root, each a split of class folders; ImageNet's flat `val/` (images directly in it) is
+  labelled from a CSV given as `val_labels` (image id or file name -> class name; Kaggle's
+  LOC_val_solution.csv "ImageId,PredictionString" works as is);
 - a manifest file: .csv, .jsonl/.ndjson, or .parquet, one row per image with a local path (relative
   to the manifest's folder) or an s3:// URI, and a label (int, class name, or a list for
   multi-label corpora); an optional `split` column;
@@ -65,11 +67,12 @@ def make_key(rel: str) -> str:
 
 
 def load_corpus(source: str, *, classes_file: str | None = None, path_column: str | None = None,
-                label_column: str | None = None, limit_per_split: int = 0, endpoint: str | None = None) -> Corpus:  # fmt: skip
+                label_column: str | None = None, limit_per_split: int = 0, endpoint: str | None = None,
+                val_labels: str | None = None) -> Corpus:  # fmt: skip
     if source == "fashion-mnist":
         corpus = _fashion_mnist()
     elif is_s3(source):
-        corpus = _class_folders_s3(source, endpoint)
+        corpus = _class_folders_s3(source, endpoint, _read_val_labels(val_labels) if val_labels else None, val_labels)
     else:
         path = Path(source)
         if not path.exists():
@@ -77,7 +80,7 @@ def load_corpus(source: str, *, classes_file: str | None = None, path_column: st
         if not os.access(path, os.R_OK):
             raise SourceError(f"SOURCE {source} is not readable (permission denied)")
         if path.is_dir():
-            corpus = _class_folders_local(path)
+            corpus = _class_folders_local(path, _read_val_labels(val_labels) if val_labels else None, val_labels)
         elif path.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".parquet"):
             corpus = _manifest(path, classes_file, path_column, label_column)
         else:
@@ -106,10 +109,37 @@ def _split_and_class(parts: list[str], has_splits: bool) -> tuple[str, str] | No
     return "train", parts[0]
 
 
-def _build_folder_corpus(rels: list[str], locate, description: str) -> Corpus:
+def _read_val_labels(path: str) -> dict[str, str]:
+    """A labels CSV for a flat val/: image id (file name or its stem) -> class name.
+
+    Two columns with or without a header; in Kaggle's LOC_val_solution.csv the second column is
+    "n01751748 x0 y0 x1 y1 ...", whose first token is the class."""
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except OSError as e:
+        raise SourceError(f"val labels file {path}: {e.strerror or e}") from e
+    out: dict[str, str] = {}
+    for n, row in enumerate(rows, 1):
+        if len(row) < 2 or not row[1].strip():
+            raise SourceError(f"val labels file {path}: line {n} needs two columns (image id, class), got {row!r}")
+        image, label = row[0].strip(), row[1].split()[0]
+        if n == 1 and image.lower() in ("imageid", "image_id", "image", "id", "file", "filename", "path"):
+            continue  # header
+        out[Path(image).stem] = label
+    if not out:
+        raise SourceError(f"val labels file {path} has no rows")
+    return out
+
+
+def _build_folder_corpus(rels: list[str], locate, description: str, val_labels: dict[str, str] | None = None,
+                         labels_file: str | None = None) -> Corpus:  # fmt: skip
     rels = [r for r in rels if not any(p.startswith(".") for p in r.split("/"))]
     has_splits = any(r.split("/")[0] in SPLIT_DIRS and len(r.split("/")) >= 3 for r in rels)
     placed = [(sc, r) for r in rels if (sc := _split_and_class(r.split("/"), has_splits)) is not None]
+    flat_val = [r for r in rels if val_labels is not None and r.split("/")[0] == "val" and len(r.split("/")) == 2]
+    if val_labels is not None and not flat_val:
+        raise SourceError(f"a val labels file was given but {description} has no images directly in val/")
     classes = sorted({c for (_, c), _ in placed})
     index = {c: i for i, c in enumerate(classes)}
     items = []
@@ -117,23 +147,37 @@ def _build_folder_corpus(rels: list[str], locate, description: str) -> Corpus:
         ext = Path(rel).suffix.lower()
         reject = None if ext in IMAGE_EXTENSIONS else f"unsupported file extension {ext or '(none)'}"
         items.append(SourceItem(make_key(rel), split, (index[cls],), locate(rel), rel, reject))
+    for rel in sorted(flat_val):  # labelled from the CSV; a label outside the train classes is rejected, named
+        ext = Path(rel).suffix.lower()
+        label = val_labels.get(Path(rel).stem)
+        reject, ids = None, (0,)
+        if ext not in IMAGE_EXTENSIONS:
+            reject = f"unsupported file extension {ext or '(none)'}"
+        elif label is None:
+            reject = f"no label for {rel} in {labels_file}"
+        elif label not in index:
+            reject = f"unknown label {label!r} for {rel} in {labels_file} (not a class folder of train/)"
+        else:
+            ids = (index[label],)
+        items.append(SourceItem(make_key(rel), "val", ids, locate(rel), rel, reject))
     return Corpus(classes, items, description)
 
 
-def _class_folders_local(root: Path) -> Corpus:
+def _class_folders_local(root: Path, val_labels: dict[str, str] | None = None, labels_file: str | None = None) -> Corpus:
     rels = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             rels.append(str((Path(dirpath) / f).relative_to(root)).replace(os.sep, "/"))
-    return _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}")
+    return _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}", val_labels, labels_file)
 
 
 def _raise_walk(err: OSError):
     raise SourceError(f"cannot read {err.filename}: {err.strerror}")
 
 
-def _class_folders_s3(url: str, endpoint: str | None) -> Corpus:
+def _class_folders_s3(url: str, endpoint: str | None, val_labels: dict[str, str] | None = None,
+                      labels_file: str | None = None) -> Corpus:  # fmt: skip
     bucket, prefix = split_s3(url)
     client = s3_client(endpoint)
     rels = []
@@ -144,7 +188,7 @@ def _class_folders_s3(url: str, endpoint: str | None) -> Corpus:
     except Exception as e:  # noqa: BLE001 - one clear message for a bad SOURCE
         raise SourceError(f"SOURCE {url} cannot be listed: {type(e).__name__}: {e}") from e
     base = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-    return _build_folder_corpus(rels, lambda rel: f"{base}/{rel}", f"class folders {url}")
+    return _build_folder_corpus(rels, lambda rel: f"{base}/{rel}", f"class folders {url}", val_labels, labels_file)
 
 
 # ---- manifests ---------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse(description: str, default_preset: str) -> argparse.Namespace:
+def parse(description: str, default_preset: str, extra=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--preset", default=default_preset, help="a preset of pipeline.config.PRESETS")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set schedule.epochs=2 --set run.num_workers=8")  # fmt: skip
@@ -40,9 +42,12 @@ def connect_ray() -> None:
 
 def absolutize(cfg):
     """Local paths relative to where the launcher runs; Ray workers have other working dirs."""
-    for section, key in (("data", "root"), ("run", "storage"), ("model", "init_from")):
+    for section, key in (("data", "root"), ("run", "storage"), ("model", "init_from"), ("data", "source"),
+                         ("data", "val_labels"), ("data", "classes")):  # fmt: skip
         obj = getattr(cfg, section)
         value = getattr(obj, key)
+        if key in ("source", "classes") and not os.path.exists(value):
+            continue  # "fashion-mnist", comma-separated class names
         if value and not value.startswith("s3://"):
             setattr(obj, key, os.path.abspath(value))
     return cfg

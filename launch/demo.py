@@ -3,7 +3,10 @@
 1. pack the sample corpus (fashion-mnist) into data/fashion-mnist unless it is already there;
 2. start a local Ray head (dashboard and job server on 127.0.0.1) unless one is running;
 3. `ray job submit --working-dir . -- python launch/pretrain_f7.py --preset demo`;
-4. print the held-out loss and where the TensorBoard logs and the export are.
+4. write a real class-folder dataset from the sample package's test images (4 clothing groups,
+   data/fashion-mnist-groups) and `ray job submit ... python launch/finetune_imagenet.py --preset
+   demo_finetune` on the pretraining export: packed into shards, new zero head, higher resolution, SAM;
+5. print both results and where the TensorBoard logs and the exports are.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "fashion-mnist"
+GROUPS = ROOT / "data" / "fashion-mnist-groups"
 RUNS = ROOT / "runs"
 DASHBOARD = "http://127.0.0.1:8265"
 
@@ -49,6 +53,9 @@ def main() -> int:
     if not (DATA / "manifest.json").exists():
         sh(sys.executable, "-m", "data_prep", "pack", "fashion-mnist", str(DATA), "--heldout-fraction", "0.02",
            "--samples-per-shard", "1000", "--workers", "2")  # fmt: skip
+    from data_prep.sample_folders import write_groups
+
+    print(f"class-folder dataset for fine-tuning: {GROUPS} {write_groups(str(GROUPS))}", flush=True)
     started = False
     if not ray_running():
         sh("ray", "start", "--head", "--port", "6379", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
@@ -61,6 +68,11 @@ def main() -> int:
            "python", "launch/pretrain_f7.py", "--preset", "demo", "--set", f"data.root={DATA}",
            "--set", f"run.storage={RUNS}", "--set", f"run.name={name}")  # fmt: skip
         wall = time.time() - t0
+        t1 = time.time()
+        sh("ray", "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
+           "python", "launch/finetune_imagenet.py", "--preset", "demo_finetune", "--set", f"model.init_from={RUNS / name / 'export'}",
+           "--set", f"data.source={GROUPS}", "--set", f"run.storage={RUNS}", "--set", f"run.name={name}-finetune")  # fmt: skip
+        wall_ft = time.time() - t1
     finally:
         if started:
             sh("ray", "stop", check=False, capture_output=True)
@@ -71,8 +83,15 @@ def main() -> int:
           f"{summary['train_flops']:.3g} training FLOPs) in {summary['wall_time_s']:.0f} s of training, {wall:.0f} s job")  # fmt: skip
     print(f"held-out loss {summary['heldout_raw_loss']:.4f} (EMA {summary['heldout_ema_loss']:.4f}), "
           f"top-1 {summary['heldout_raw_top1']:.3f} (EMA {summary['heldout_ema_top1']:.3f}) on {summary['heldout_samples']} images")  # fmt: skip
-    print(f"TensorBoard: tensorboard --logdir {run / 'tensorboard'} --host 127.0.0.1")
-    print(f"export for fine-tuning: {run / 'export'}")
+    ft = RUNS / f"{name}-finetune"
+    res = json.loads((ft / "results.json").read_text())
+    print(f"fine-tuned on {res['classes']} clothing groups ({res['training']['step']} steps, SAM, {res['eval_res']} px) "
+          f"in {res['training']['wall_time_s']:.0f} s of training, {wall_ft:.0f} s job:")  # fmt: skip
+    for tag in ("raw", "ema"):
+        r = res[tag]
+        print(f"  {tag}: top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}, loss {r['loss']:.4f} on {res['samples']} val images")
+    print(f"TensorBoard: tensorboard --logdir {RUNS} --host 127.0.0.1")
+    print(f"exports: {run / 'export'} (pretrained), {ft / 'export'} (fine-tuned); results: {ft / 'results.json'}")
     return 0
 
 

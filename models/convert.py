@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     model = model_from_timm(args.model, sd)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.dst)
+    import dataclasses
+    import json
+
+    # The architecture travels in the file's metadata, so `model.init_from=FILE` rebuilds it with
+    # timm's numerics without being told.
+    meta = {"arch": json.dumps(dataclasses.asdict(model.cfg)), "converted_from": "timm"}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.dst, metadata=meta)
     print(f"wrote {args.dst}: {args.model}, {sum(p.numel() for p in model.parameters()):,} parameters")
 
 

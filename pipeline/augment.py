@@ -7,7 +7,7 @@ then RandAugment per image (DM applies it after mixing), label smoothing on the 
 (ImageNet mean/std) runs on the training device.
 
 Eval: squash-resize the whole image to (S+32)^2, centre-crop S ("squash", DM's resize_crop_32),
-or resize the shorter side to S+32 and centre-crop ("center").
+or resize the shorter side to S+32 and centre-crop ("center"); the +32 is `eval_pad`.
 
 Differences from DM, on purpose: DM draws 2B images for a batch of B mixes; we mix pairs within
 the batch (torchvision's MixUp/CutMix), so one sample is one position in the epoch. RandAugment
@@ -34,6 +34,9 @@ class AugmentConfig:
     train_res: int = 192
     eval_res: int = 256
     eval_crop: str = "squash"  # or "center"
+    # Eval resizes to S + eval_pad, then centre-crops S. DM's +32 keeps 86% of the side at 224 px;
+    # at 32 px it would keep only half of the image, so tiny presets use a proportional pad.
+    eval_pad: int = 32
     random_resized_crop: bool = True
     min_area: float = 0.08
     hflip: bool = True
@@ -125,7 +128,7 @@ class EvalTransform:
         if cfg.eval_crop not in ("squash", "center"):
             raise ValueError(f"eval_crop must be 'squash' or 'center', got {cfg.eval_crop!r}")
         self.res = cfg.eval_res
-        self.tf = _ResizeCenterCrop(cfg.eval_res + 32, cfg.eval_res, squash=cfg.eval_crop == "squash")
+        self.tf = _ResizeCenterCrop(cfg.eval_res + cfg.eval_pad, cfg.eval_res, squash=cfg.eval_crop == "squash")
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.tf(img)

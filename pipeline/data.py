@@ -23,8 +23,10 @@ everything is exact again.
 
 Workers. DataLoader worker w of a rank produces the rank's micro-batches j with j % workers == w;
 torch's in-order round-robin then yields them in the logical order, whatever the worker count.
-A worker reads the whole window its batch lies in (tar streams are sequential), so with W workers
-each window is read W times: cheap from local disk/page cache, W x the GETs on S3.
+A worker keeps only the samples of its own batches of a window (1/W of it), but tar streams are
+sequential, so each of the W workers still streams through the window's bytes: cheap from local
+disk/page cache, W x the bytes on S3. Each of a rank's A slots has its own reader, so alternating
+micro-batches from different slots do not re-open shards.
 
 Evaluation sees each sample of the split exactly once across ranks: rank r takes a contiguous
 span of ceil(N/world) positions, padded to the same number of batches with mask 0.
@@ -203,21 +205,34 @@ class TrainStream(_Stream):
                 j += 1
             step += 1
 
+    def _mine(self, epoch: int, slot: int, w: int, wid: int, nw: int) -> list[int]:
+        """Batches k of window w of `slot` that DataLoader worker `wid` of `nw` produces."""
+        per_window = self.window // self.layout.micro_batch
+        a_steps, a = self.layout.accum_steps, slot - self.rank * self.layout.accum_steps
+        ks = range(w * per_window, min((w + 1) * per_window, self.steps_per_epoch))
+        steps = ((epoch * self.steps_per_epoch + k, k) for k in ks)
+        return [k for step, k in steps if step >= self.start_step and ((step - self.start_step) * a_steps + a) % nw == wid]
+
     def __iter__(self):
         wid, nw = self._worker()
-        reader = _ShardReader(self.root, self.endpoint)
         augment = TrainAugment(self.aug, len(self.classes))
-        cache_key, cache = None, {}
+        # Per slot: its own reader (a slot's windows advance through its own span of shards, so
+        # the open tar stream continues into the next window) and the samples of the current
+        # window that this worker's batches need (1/nw of the window, not all of it).
+        readers: dict[int, _ShardReader] = {}
+        cached: dict[int, tuple[tuple[int, int], dict]] = {}
+        per_window = self.window // self.layout.micro_batch
         for j, epoch, slot, k in self.schedule(self.start_step):
             if j % nw != wid:
                 continue
             order = self.shard_order(epoch)
-            w = k // (self.window // self.layout.micro_batch)
-            if cache_key != (epoch, slot, w):
-                cache_key = (epoch, slot, w)
-                cache = self._fetch(reader, self._locate(order, np.sort(self.window_positions(epoch, slot, w))))
+            w = k // per_window
+            if slot not in cached or cached[slot][0] != (epoch, w):
+                wanted = np.sort(np.concatenate([self.batch_positions(epoch, slot, kk) for kk in self._mine(epoch, slot, w, wid, nw)]))
+                reader = readers.setdefault(slot, _ShardReader(self.root, self.endpoint))
+                cached[slot] = ((epoch, w), self._fetch(reader, self._locate(order, wanted)))
             locs = self._locate(order, self.batch_positions(epoch, slot, k))
-            yield self._make_batch(locs, cache, augment, (self.seed, epoch, slot, k), epoch, k)
+            yield self._make_batch(locs, cached[slot][1], augment, (self.seed, epoch, slot, k), epoch, k)
 
     def _make_batch(self, locs, cache, augment, rng_key, epoch, k) -> dict:
         images, labels, keys, bad = [], [], [], 0

@@ -7,7 +7,7 @@ import os
 
 from data_prep.storage import Store, s3_endpoint, split_s3
 
-from .config import TrainConfig
+from .config import TrainConfig, validate
 
 
 def storage_args(storage: str, endpoint: str | None) -> dict:
@@ -41,7 +41,7 @@ def fit(cfg: TrainConfig):
 
     from .trainer import train_loop_per_worker
 
-    cfg.accum_steps  # noqa: B018 - validate the batch identity before starting workers
+    validate(cfg)  # batch identity, mode, SAM x ZeRO: before any worker starts
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}
     trainer = TorchTrainer(
         train_loop_per_worker,

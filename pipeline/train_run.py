@@ -19,6 +19,8 @@ from data_prep.storage import Store
 from .augment import normalize
 from .config import TrainConfig
 from .data import Layout, eval_loader, train_loader
+from .finetune_init import build_model, check_classes, load_source, model_from_source
+from .sam import sam_ascend, sam_restore
 from .state import gather_state, read_checkpoint, restore_state, write_checkpoint, write_export
 from .trainer import (
     GPU_PEAK_BF16,
@@ -67,13 +69,13 @@ class TrainRun:
 
         from models.flops import train_flops_per_image
 
-        from .finetune_init import build_model
-
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.model, self.model_info = build_model(cfg.model, len(self.classes))
+        self.model, self.model_info, self.init_src = build_model(cfg.model, len(self.classes))
         self.exclude = self.model.agc_exclude_names()
         self.flops_per_image = train_flops_per_image(self.model.cfg, cfg.aug.train_res, len(self.classes))
+        if cfg.optim.sam_rho > 0:  # SAM's ascent pass: a second forward/backward per image
+            self.flops_per_image *= 2
         self.opt = SkippableSGD(self.model.param_groups(cfg.optim.weight_decay), lr=cfg.peak_lr,
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)  # fmt: skip
         self.opt.skip = True  # bf16 at ZeRO-0 steps the optimizer once at init with zero grads
@@ -103,9 +105,9 @@ class TrainRun:
 
     # ---- loop --------------------------------------------------------------------------------
     def run(self) -> None:
-        import ray.train
-
         cfg = self.cfg
+        if cfg.run.mode == "eval":
+            return self.evaluate_only()
         self.build()
         self.maybe_resume()
         layout = Layout(cfg.schedule.micro_batch, self.world, self.A)
@@ -126,18 +128,17 @@ class TrainRun:
             for group in self.opt.param_groups:
                 group["lr"] = lr
             losses, bad_samples = [], 0
-            for a in range(self.A):
-                batch = next(it)
-                torch.manual_seed(seed_for(cfg.run.seed, step, self.rank * self.A + a))  # SD/dropout per slot
-                x = normalize(batch["image"].to(self.device, non_blocking=True))
-                y = batch["target"].to(self.device, non_blocking=True)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    logits = self.engine(x)
-                loss = soft_cross_entropy(logits, y)
+            batches = [next(it) for _ in range(self.A)]
+            loss_fn = self._micro_loss(step)
+            sam_w = sam_ascend(self.module, batches, loss_fn, cfg.optim.sam_rho)[0] if cfg.optim.sam_rho > 0 else None
+            for a, batch in enumerate(batches):
+                loss = loss_fn(self.engine, a, batch)
                 self.engine.backward(loss)
                 losses.append(loss.detach())
                 bad_samples += batch["bad"]
                 if a == self.A - 1:
+                    if sam_w is not None:  # the gradient was taken at w + e; step from w
+                        sam_restore(self.module, sam_w)
                     stats = self._boundary(torch.stack(losses))
                 self.engine.step()
             skipped = self.opt.skip
@@ -175,15 +176,38 @@ class TrainRun:
             metrics = {"step": step + 1, "loss": mean_loss, "lr": lr}
             if (cfg.schedule.eval_every and (step + 1) % cfg.schedule.eval_every == 0) or last:
                 metrics.update(self._evaluate(step + 1))
+            # Report to Ray Train only with checkpoints: its controller takes one report per worker
+            # every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) through a queue of size 1, so a report
+            # every step caps training at one step per 2 s. Per-step metrics go to TensorBoard.
             if (cfg.schedule.ckpt_every and (step + 1) % cfg.schedule.ckpt_every == 0) or last:
                 self._checkpoint(metrics)
-            else:
-                ray.train.report(metrics)
+        ev = getattr(self, "last_eval", {})
+        self._write_results({
+            **{tag: {k: ev[f"heldout_{tag}_{k}"] for k in ("top1", "top5", "loss")} for tag in ("raw", "ema") if f"heldout_{tag}_loss" in ev},
+            "samples": ev.get("heldout_samples"), "bad_samples": ev.get("heldout_bad"),
+            "pretraining": self.init_src.summary if self.init_src is not None else None,
+            "training": {k: self.counters[k] for k in ("step", "samples_seen", "train_flops", "wall_time_s", "skipped_steps", "resumes")},
+        })  # fmt: skip
         if self.cfg.run.export:
             self._export()
         if self.writer is not None:
             self.writer.close()
             self._sync_tensorboard()
+
+    def _micro_loss(self, step: int):
+        """loss of micro-batch a of this rank at `step`; stochastic depth/dropout seeded per (step, slot)
+        so the SAM ascent pass and the main pass drop the same blocks."""
+        cfg = self.cfg
+
+        def loss_fn(module, a: int, batch: dict) -> torch.Tensor:
+            torch.manual_seed(seed_for(cfg.run.seed, step, self.rank * self.A + a))
+            x = normalize(batch["image"].to(self.device, non_blocking=True))
+            y = batch["target"].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = module(x)
+            return soft_cross_entropy(logits, y)
+
+        return loss_fn
 
     def _boundary(self, losses: torch.Tensor):
         """At the accumulation boundary: agree on finiteness across ranks, then AGC."""
@@ -208,13 +232,47 @@ class TrainRun:
             if module is None:
                 continue
             r = evaluate(module, dl, self.device)
-            out[f"heldout_{tag}_loss"], out[f"heldout_{tag}_top1"] = r["loss"], r["top1"]
-            out["heldout_samples"] = r["samples"]
-            if self.writer is not None:
-                self.writer.add_scalar(f"heldout/{tag}_loss", r["loss"], step)
-                self.writer.add_scalar(f"heldout/{tag}_top1", r["top1"], step)
+            for k in ("loss", "top1", "top5"):
+                out[f"heldout_{tag}_{k}"] = r[k]
+                if self.writer is not None:
+                    self.writer.add_scalar(f"heldout/{tag}_{k}", r[k], step)
+            out["heldout_samples"], out["heldout_bad"] = r["samples"], r["bad"]
         self.last_eval = out
         return out
+
+    def evaluate_only(self) -> None:
+        """run.mode=eval: model.init_from on data.eval_split, raw and EMA weights, into results.json."""
+        cfg = self.cfg
+        src = load_source(cfg.model.init_from, cfg.model)
+        where = f"{cfg.data.root} (split {cfg.data.eval_split})"
+        if src.classes is not None:
+            check_classes(src.classes, self.classes, src.url, where)
+        elif src.num_classes != len(self.classes):
+            raise ValueError(f"class mismatch: {src.url} has {src.num_classes} classes, {where} has {len(self.classes)}")
+        dl, _ = eval_loader(cfg.data.root, cfg.data.eval_split, cfg.schedule.micro_batch, self.rank, self.world,
+                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint)  # fmt: skip
+        out = {}
+        for tag in ("raw", "ema"):
+            if tag == "ema" and src.ema is None:
+                continue
+            model = model_from_source(src, tag, cfg.model.overrides if src.kind != "timm" else {}).to(self.device)
+            r = evaluate(model, dl, self.device)
+            out[tag] = {k: r[k] for k in ("top1", "top5", "loss")}
+            out.update(samples=r["samples"], bad_samples=r["bad"])
+        self._write_results({**out, "pretraining": src.summary})
+
+    def _write_results(self, results: dict) -> None:
+        """results.json in the run directory: what the fine-tuning stage and the sweeps read."""
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        doc = {"mode": cfg.run.mode, "init_from": cfg.model.init_from, "data": cfg.data.root, "split": cfg.data.eval_split,
+               "eval_res": cfg.aug.eval_res, "eval_crop": cfg.aug.eval_crop, "classes": len(self.classes),
+               "data_rejected": self.manifest.get("rejected", 0), **results}  # fmt: skip
+        root = cfg.run.storage if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage)
+        store = Store(f"{root.rstrip('/')}/{cfg.run.name}", self.endpoint)
+        store.write_bytes_atomic("results.json", json.dumps(doc, indent=1).encode())
+        print(json.dumps({"results": store.url("results.json"), **doc}), flush=True)
 
     def _writer(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -265,7 +323,8 @@ class TrainRun:
         self._gathered = (self.counters["step"], tensors)  # the export at the end reuses the last gather
         if self.rank == 0:
             d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
-            write_checkpoint(d, tensors, {"counters": self.counters, "config": self.cfg.to_dict()})
+            write_checkpoint(d, tensors, {"counters": self.counters, "config": self.cfg.to_dict(), "model": self.model_info,
+                                          "classes": self.classes})  # fmt: skip
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             shutil.rmtree(d, ignore_errors=True)
         else:

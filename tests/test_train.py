@@ -27,7 +27,7 @@ def tiny_data(tmp_path_factory) -> str:
     return str(out)
 
 
-def tiny_cfg(data: str, storage: str, name: str, **sets) -> TrainConfig:
+def tiny_sets(data: str, storage: str, name: str, **sets) -> list[str]:
     base = [
         "model.name=nfnet_pico", f"data.root={data}", "data.workers=0", "data.shuffle_window=32",
         "aug.train_res=16", "aug.eval_res=16", "aug.randaug_layers=1",
@@ -36,7 +36,11 @@ def tiny_cfg(data: str, storage: str, name: str, **sets) -> TrainConfig:
         "schedule.ckpt_every=0", "schedule.eval_every=0", "schedule.log_every=1", f"run.storage={storage}", f"run.name={name}",
         "run.num_workers=2", "run.max_failures=0",
     ]  # fmt: skip
-    return resolve("demo", base + [f"{k}={v}" for k, v in sets.items()])
+    return base + [f"{k}={v}" for k, v in sets.items()]
+
+
+def tiny_cfg(data: str, storage: str, name: str, **sets) -> TrainConfig:
+    return resolve("demo", tiny_sets(data, storage, name, **sets))
 
 
 def run_fit(cfg: TrainConfig, address: str):
@@ -120,7 +124,7 @@ def load_init(data: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_worker_recovers_to_the_same_result(tiny_data, tmp_path, ray_cluster):
+def test_sigkill_of_a_worker_and_resubmission_recover_to_the_same_result(tiny_data, tmp_path, ray_cluster):
     import psutil
 
     storage = str(tmp_path)
@@ -131,8 +135,10 @@ def test_sigkill_of_a_worker_recovers_to_the_same_result(tiny_data, tmp_path, ra
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            # two checkpoints on disk: the first is surely registered with Ray Train by now
-            if len(list((tmp_path / "crash").glob("checkpoint_*/trainer.json"))) >= 2:
+            # Three checkpoints on disk: the first is surely registered with Ray Train (a worker's
+            # report queue holds one report, so the third cannot be written before the controller
+            # took the second, and with it the first).
+            if len(list((tmp_path / "crash").glob("checkpoint_*/trainer.json"))) >= 3:
                 for proc in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
                         os.kill(proc.pid, signal.SIGKILL)
@@ -151,6 +157,44 @@ def test_sigkill_of_a_worker_recovers_to_the_same_result(tiny_data, tmp_path, ra
     assert max((clean[k] - crash[k]).abs().max().item() for k in clean) < 1e-5
     clean_s = json.loads((tmp_path / "clean" / "export" / "summary.json").read_text())
     assert summary["heldout_raw_loss"] == pytest.approx(clean_s["heldout_raw_loss"], abs=1e-5)
+
+    # Re-submitting the same run name continues the run: `ray job submit` without retries, SIGKILL
+    # of a worker after three checkpoints fails the job; the same command submitted again finishes
+    # it from the latest registered checkpoint, with the clean run's weights.
+    import subprocess
+
+    import psutil
+
+    ray_bin = str(Path(ray_cluster["env"]["PATH"].split(":")[0]) / "ray")
+    argv = ["python", "launch/pretrain_f7.py", "--preset", "demo"]
+    for item in tiny_sets(tiny_data, storage, "resub", **{**sets, "run.max_failures": 0}):
+        argv += ["--set", item]
+
+    def ray_job(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([ray_bin, "job", *args], env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+    def submit(sid: str, *flags: str) -> subprocess.CompletedProcess:
+        return ray_job("submit", "--address", ray_cluster["dashboard"], "--submission-id", sid, "--working-dir",
+                       str(Path(__file__).resolve().parents[1]), *flags, "--", *argv)  # fmt: skip
+
+    sid = f"resub-1-{os.getpid()}"
+    assert submit(sid, "--no-wait").returncode == 0
+    deadline = time.time() + 300
+    while len(list((tmp_path / "resub").glob("checkpoint_*/trainer.json"))) < 3:
+        assert time.time() < deadline, "the first submission wrote no checkpoints"
+        time.sleep(0.02)
+    victims = [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
+    os.kill(victims[0].pid, signal.SIGKILL)
+    while f"Job '{sid}' failed" not in (status := ray_job("status", "--address", ray_cluster["dashboard"], sid).stdout):
+        assert f"Job '{sid}' succeeded" not in status and time.time() < deadline, status[-3000:]
+        time.sleep(1)
+    assert not (tmp_path / "resub" / "export").exists()
+    second = submit(f"resub-2-{os.getpid()}")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resub = json.loads((tmp_path / "resub" / "export" / "summary.json").read_text())
+    assert resub["resumes"] == 1 and resub["steps"] == 16
+    weights = export_weights(storage, "resub")
+    assert max((clean[k] - weights[k]).abs().max().item() for k in clean) < 1e-5
 
 
 @pytest.mark.slow
