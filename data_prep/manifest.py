@@ -40,6 +40,7 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    offsets: tuple[int, ...] | None = None  # byte offset of each sample, plus the end (packs since 0.2)
 
 
 def load_manifest(root: str, endpoint: str | None = None) -> dict:
@@ -55,7 +56,8 @@ def load_manifest(root: str, endpoint: str | None = None) -> dict:
 def shards_of(manifest: dict, split: str) -> list[ShardInfo]:
     if split not in manifest["splits"]:
         raise ManifestError(f"split {split!r} not in manifest; splits are {sorted(manifest['splits'])}")
-    return [ShardInfo(split=split, **s) for s in manifest["splits"][split]["shards"]]
+    return [ShardInfo(split=split, **{**s, "offsets": tuple(s["offsets"]) if s.get("offsets") else None})
+            for s in manifest["splits"][split]["shards"]]  # fmt: skip
 
 
 def count_tar_samples(fileobj) -> tuple[int, list[str]]:

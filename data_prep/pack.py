@@ -224,14 +224,21 @@ def build_shard(root: str, endpoint: str | None, name: str, members: Sequence[tu
     if store.exists(name) and store.exists(sidecar):
         return json.loads(store.read_bytes(sidecar))  # finished by an earlier, interrupted run
     blobs = {cid: store.read_bytes(f"{STAGING}/chunk-{cid:06d}.bin") for cid in sorted({m[0] for m in members})}
+    # offsets[i] = byte offset of sample i's first tar header; offsets[-1] = end of the last sample.
+    # A USTAR member is one 512-byte header plus its data padded to 512 (names stay < 100 chars),
+    # so the offsets follow from the field sizes; readers seek straight to a sample with them.
+    offsets = [0]
     with store.open_write_atomic(name) as f:
         hw = _HashingWriter(f)
         writer = ShardWriter(hw)
         for cid, key, spans in members:
             blob = blobs[cid]
             writer.write(key, {field: blob[o : o + n] for field, (o, n) in spans.items()})
+            offsets.append(offsets[-1] + sum(512 + -(-n // 512) * 512 for _, n in spans.values()))
         writer.close()
-    info = {"name": name, "samples": len(members), "bytes": hw.n, "sha256": hw.sha.hexdigest()}
+    if offsets[-1] + 1024 > hw.n:  # the end-of-archive blocks follow the last sample
+        raise PackError(f"{name}: sample offsets ({offsets[-1]}) do not fit the tar's {hw.n} bytes")
+    info = {"name": name, "samples": len(members), "bytes": hw.n, "sha256": hw.sha.hexdigest(), "offsets": offsets}
     store.write_bytes_atomic(sidecar, json.dumps(info).encode())
     return info
 

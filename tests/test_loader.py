@@ -170,3 +170,27 @@ def test_normalize_on_device_matches_imagenet_stats():
     for c in range(3):
         expected = (128 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
         assert out[:, c].allclose(torch.tensor(expected), atol=1e-5)
+
+
+def test_indexed_reads_equal_streamed_reads(packed):
+    """Local packs carry per-sample byte offsets; seeking with them gives the samples streaming the tar gives."""
+    import dataclasses
+
+    from data_prep.manifest import load_manifest, shards_of
+    from pipeline.data import _ShardReader
+
+    shards = shards_of(load_manifest(packed), "train")
+    assert all(s.offsets is not None and len(s.offsets) == s.samples + 1 for s in shards)
+    want = {0, 3, 17, shards[1].samples - 1}
+    indexed = _ShardReader(packed, None).read(shards[1], want)
+    streamed = _ShardReader(packed, None).read(dataclasses.replace(shards[1], offsets=None), want)
+    assert set(indexed) == set(streamed) == want
+    for i in want:
+        assert indexed[i]["__key__"] == streamed[i]["__key__"]
+        assert {f: indexed[i][f] for f in ("jpg", "cls", "json")} == {f: streamed[i][f] for f in ("jpg", "cls", "json")}
+    # Training batches are the same whichever way the shards are read.
+    layout = Layout(micro_batch=25, world_size=2, accum_steps=2)
+    ds = TrainStream(packed, layout, 1, AUG, shuffle_window=100, seed=3)
+    ref = keys_of(iter(ds), 6)
+    ds.shards = [dataclasses.replace(s, offsets=None) for s in ds.shards]
+    assert keys_of(iter(ds), 6) == ref
