@@ -43,17 +43,22 @@ def convert_timm_state_dict(timm_sd: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def state_dict_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str:
+    """'' when `theirs` loads strictly into `ours`; else the missing, unexpected and mis-shaped tensors."""
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    wrong = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+    detail = [f"missing tensors {missing[:8]}" if missing else "", f"unexpected tensors {unexpected[:8]}" if unexpected else "",
+              "shape mismatch " + ", ".join(f"{k}: model {tuple(ours[k].shape)} vs file {tuple(theirs[k].shape)}" for k in wrong[:8]) if wrong else ""]  # fmt: skip
+    return "; ".join(d for d in detail if d)
+
+
 def load_timm_weights(model: NFNet, timm_sd: dict[str, torch.Tensor]) -> None:
     """Load converted weights strictly; a mismatch names the missing and unexpected tensors."""
     sd = convert_timm_state_dict(timm_sd)
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    unexpected = sorted(set(sd) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(sd) if ours[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        detail = [f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
-                  "shape mismatch " + ", ".join(f"{k}: ours {tuple(ours[k].shape)} vs file {tuple(sd[k].shape)}" for k in wrong[:8]) if wrong else ""]  # fmt: skip
-        raise ValueError("timm weights do not fit this architecture: " + "; ".join(d for d in detail if d))
+    problem = state_dict_mismatch(model.state_dict(), sd)
+    if problem:
+        raise ValueError("timm weights do not fit this architecture: " + problem)
     model.load_state_dict(sd, strict=True)
 
 

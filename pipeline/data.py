@@ -273,19 +273,22 @@ class TrainStream(_Stream):
         # the open tar stream continues into the next window) and the samples of the current
         # window that this worker's batches need (1/nw of the window, not all of it).
         readers: dict[int, _ShardReader] = {}
-        cached: dict[int, tuple[tuple[int, int], dict]] = {}
+        cached: dict[int, tuple[tuple[int, int], np.ndarray, dict]] = {}  # slot -> ((epoch, w), window order, samples)
         per_window = self.window // self.layout.micro_batch
         for j, epoch, slot, k in self.schedule(self.start_step):
             if j % nw != wid:
                 continue
             order = self.shard_order(epoch)
             w = k // per_window
+            b = self.layout.micro_batch
             if slot not in cached or cached[slot][0] != (epoch, w):
-                wanted = np.sort(np.concatenate([self.batch_positions(epoch, slot, kk) for kk in self._mine(epoch, slot, w, wid, nw)]))
+                perm = self.window_positions(epoch, slot, w)  # batch k of the window = perm[i*b:(i+1)*b]
+                mine = [perm[(kk - w * per_window) * b : (kk - w * per_window + 1) * b] for kk in self._mine(epoch, slot, w, wid, nw)]
                 reader = readers.setdefault(slot, _ShardReader(self.root, self.endpoint))
-                cached[slot] = ((epoch, w), self._fetch(reader, self._locate(order, wanted)))
-            locs = self._locate(order, self.batch_positions(epoch, slot, k))
-            yield self._make_batch(locs, cached[slot][1], augment, (self.seed, epoch, slot, k), epoch, k)
+                cached[slot] = ((epoch, w), perm, self._fetch(reader, self._locate(order, np.sort(np.concatenate(mine)))))
+            i = k - w * per_window
+            locs = self._locate(order, cached[slot][1][i * b : (i + 1) * b])
+            yield self._make_batch(locs, cached[slot][2], augment, (self.seed, epoch, slot, k), epoch, k)
 
     def _make_batch(self, locs, cache, augment, rng_key, epoch, k) -> dict:
         images, labels, keys, bad = [], [], [], 0

@@ -76,6 +76,15 @@ def _safetensors(data: bytes) -> tuple[dict[str, torch.Tensor], dict]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
+def _export_dir(url: str) -> tuple[str, Store]:
+    """A run directory stands for its export/ folder; anything else for itself."""
+    store = Store(url)
+    if not store.exists("model.safetensors") and store.exists("export/model.safetensors"):
+        url = f"{url.rstrip('/')}/export"
+        store = Store(url)
+    return url, store
+
+
 def load_source(url: str, mc: ModelConfig) -> InitSource:
     """Read model.init_from in whichever of the four forms it has."""
     if url.endswith((".pth", ".pt", ".bin")):
@@ -95,9 +104,7 @@ def load_source(url: str, mc: ModelConfig) -> InitSource:
         arch = _arch(json.loads(meta["arch"])) if "arch" in meta else create_model(mc.name, 1, **mc.overrides).cfg
         classes = json.loads(meta["classes"]) if "classes" in meta else None
         return InitSource("weights", url, arch, tensors, None, classes, None)
-    store = Store(url)
-    if not store.exists("model.safetensors") and store.exists("export/model.safetensors"):
-        url, store = f"{url.rstrip('/')}/export", Store(f"{url.rstrip('/')}/export")  # a run directory
+    url, store = _export_dir(url)
     if store.exists("model.safetensors"):
         info = json.loads(_read(store, "config.json", url))
         raw, _ = _safetensors(_read(store, "model.safetensors", url))
@@ -125,9 +132,7 @@ def source_classes(url: str) -> list[str] | None:
     """The class list an export or checkpoint declares, read without loading weights (None: unknown)."""
     if url.endswith(WEIGHT_FILES):
         return None
-    store = Store(url)
-    if not store.exists("model.safetensors") and store.exists("export/classes.json"):
-        store = Store(f"{url.rstrip('/')}/export")
+    _, store = _export_dir(url)
     if store.exists("classes.json"):
         return json.loads(store.read_bytes("classes.json"))
     if store.exists("trainer.json"):
@@ -139,14 +144,11 @@ def source_classes(url: str) -> list[str] | None:
 
 def load_strict(model: NFNet, weights: dict[str, torch.Tensor], url: str) -> None:
     """load_state_dict(strict) with an error that names missing, unexpected and mis-shaped tensors."""
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(weights))
-    unexpected = sorted(set(weights) - set(ours))
-    wrong = sorted(k for k in set(ours) & set(weights) if ours[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
-        detail = [f"missing tensors {missing[:6]}" if missing else "", f"unexpected tensors {unexpected[:6]}" if unexpected else "",
-                  "shape mismatch " + ", ".join(f"{k}: model {tuple(ours[k].shape)} vs file {tuple(weights[k].shape)}" for k in wrong[:6]) if wrong else ""]  # fmt: skip
-        raise InitError(f"{url} does not fit the architecture: " + "; ".join(d for d in detail if d))
+    from models.convert import state_dict_mismatch
+
+    problem = state_dict_mismatch(model.state_dict(), weights)
+    if problem:
+        raise InitError(f"{url} does not fit the architecture: {problem}")
     model.load_state_dict(weights, strict=True)
 
 

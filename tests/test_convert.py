@@ -10,9 +10,9 @@ from models import create_model
 from models.convert import load_timm_weights, model_from_timm
 
 
-def _randomised_timm(name: str, seed: int = 0):
+def _randomised_timm(name: str, seed: int = 0, **kw):
     torch.manual_seed(seed)
-    ref = timm.create_model(name, pretrained=False).eval()
+    ref = timm.create_model(name, pretrained=False, **kw).eval()
     # Move gains, biases and skip gains off their init so the comparison exercises every tensor.
     with torch.no_grad():
         for n, p in ref.named_parameters():

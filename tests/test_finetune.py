@@ -266,20 +266,14 @@ def test_eval_only_of_an_s3_ray_train_checkpoint(groups, pretrained, tmp_path, r
 def test_timm_converted_weights_evaluate_like_timm(groups, tmp_path, ray_cluster):
     """timm's dm_nfnet_f0 (randomised, 4 classes) -> `python -m models.convert` -> eval-only; the loss
     equals timm's own forward on the same evaluation batches."""
-    import timm
-
     from models.convert import main as convert
     from pipeline.augment import normalize
     from pipeline.data import eval_loader
 
-    torch.manual_seed(0)
-    ref = timm.create_model("dm_nfnet_f0", pretrained=False, num_classes=4).eval()
+    from test_convert import _randomised_timm
+
+    ref = _randomised_timm("dm_nfnet_f0", num_classes=4)
     with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if n.endswith("gain"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0.0, 0.1)
         ref.head.fc.weight.normal_(0, 0.05)
     torch.save(ref.state_dict(), tmp_path / "dm_nfnet_f0.pth")
     weights = tmp_path / "f0.safetensors"
