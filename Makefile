@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo bench lock sample-data clean
+.PHONY: setup test demo sweep-demo bench lock sample-data clean
 
 setup: $(STAMPS)/deps $(STAMPS)/ds-ops sample-data
 
@@ -47,6 +47,10 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/python -m launch.demo
+
+# A CPU scaling sweep (configs/sweeps/demo.yaml, ~25 min on 2 cores): runs/sweep-demo/report/report.md
+sweep-demo: setup
+	$(VENV)/bin/python -m launch.demo --sweep
 
 bench: setup
 	$(VENV)/bin/python bench/model_step.py

@@ -7,6 +7,9 @@
    data/fashion-mnist-groups) and `ray job submit ... python launch/finetune_imagenet.py --preset
    demo_finetune` on the pretraining export: packed into shards, new zero head, higher resolution, SAM;
 5. print both results and where the TensorBoard logs and the exports are.
+
+`--sweep` (make sweep-demo) does 1, 2 and 4's dataset, then submits the CPU scaling sweep
+`launch/scaling_sweep.py configs/sweeps/demo.yaml` and prints its fitted laws and report.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def ray_running() -> bool:
 
 
 def main() -> int:
+    sweep = "--sweep" in sys.argv[1:]
     bin_dir = str(Path(sys.executable).parent)
     os.environ["PATH"] = f"{bin_dir}:{os.environ.get('PATH', '')}"  # the job's `python` is the venv's
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -61,6 +65,18 @@ def main() -> int:
         sh("ray", "start", "--head", "--port", "6379", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
            "--dashboard-port", "8265", "--disable-usage-stats")  # fmt: skip
         started = True
+    if sweep:
+        try:
+            t0 = time.time()
+            sh("ray", "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
+               "python", "launch/scaling_sweep.py", "configs/sweeps/demo.yaml", "--set", f"storage={RUNS}",
+               "--point-set", f"data.root={DATA}", "--finetune-set", f"data.source={GROUPS}")  # fmt: skip
+            print(f"\nsweep finished in {time.time() - t0:.0f} s; report: {RUNS / 'sweep-demo' / 'report' / 'report.md'}")
+            print(f"TensorBoard: tensorboard --logdir {RUNS / 'sweep-demo'} --host 127.0.0.1")
+        finally:
+            if started:
+                sh("ray", "stop", check=False, capture_output=True)
+        return 0
     name = time.strftime("demo-%Y%m%d-%H%M%S")
     try:
         t0 = time.time()

@@ -83,6 +83,7 @@ class RunConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0
     max_failures: int = 2
+    placement: str = "PACK"  # Ray placement of the workers: PACK (fill nodes), SPREAD (one per node where possible), STRICT_*
     export: bool = True
     device_peak_flops: float = 0.0  # per worker; for MFU (0: known GPUs only)
 
@@ -257,6 +258,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"run.mode must be 'train' or 'eval', got {cfg.run.mode!r}")
     if cfg.run.mode == "eval" and not cfg.model.init_from:
         raise ValueError("run.mode=eval evaluates model.init_from: set it to an export folder, checkpoint or weights file")
+    if cfg.run.placement not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ValueError(f"run.placement must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.run.placement!r}")
     if cfg.model.init_weights not in ("ema", "raw"):
         raise ValueError(f"model.init_weights must be 'ema' or 'raw', got {cfg.model.init_weights!r}")
     if cfg.optim.sam_rho > 0 and cfg.run.zero_stage != 0:

@@ -47,7 +47,7 @@ def fit(cfg: TrainConfig):
         train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, placement_strategy=cfg.run.placement,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}),  # fmt: skip
         run_config=RunConfig(
             name=cfg.run.name,

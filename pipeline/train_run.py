@@ -155,10 +155,11 @@ class TrainRun:
                 c["skipped_steps"] += 1
                 bad_in_row += 1
                 if bad_in_row >= cfg.schedule.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"{bad_in_row} consecutive steps had a non-finite loss (last at step {step}); stopping. "
-                        "The last good checkpoint is kept; lower optim.lr_base or check the data."
-                    )
+                    msg = (f"{bad_in_row} consecutive steps had a non-finite loss (last at step {step}); stopping. "
+                           "The last good checkpoint is kept; lower optim.lr_base or check the data.")  # fmt: skip
+                    # A sweep records this run as diverged (not failed, not retried) from results.json.
+                    self._write_results({"status": "diverged", "reason": msg, "training": self._training_counters()})
+                    raise NonFiniteLossError(msg)
             else:
                 bad_in_row = 0
                 if self.ema is not None:
@@ -186,13 +187,18 @@ class TrainRun:
             **{tag: {k: ev[f"heldout_{tag}_{k}"] for k in ("top1", "top5", "loss")} for tag in ("raw", "ema") if f"heldout_{tag}_loss" in ev},
             "samples": ev.get("heldout_samples"), "bad_samples": ev.get("heldout_bad"),
             "pretraining": self.init_src.summary if self.init_src is not None else None,
-            "training": {k: self.counters[k] for k in ("step", "samples_seen", "train_flops", "wall_time_s", "skipped_steps", "resumes")},
+            "training": self._training_counters(), "status": "ok",
         })  # fmt: skip
         if self.cfg.run.export:
             self._export()
         if self.writer is not None:
             self.writer.close()
             self._sync_tensorboard()
+
+    def _training_counters(self) -> dict:
+        c = {k: self.counters[k] for k in ("step", "samples_seen", "train_flops", "wall_time_s", "skipped_steps", "resumes")}
+        return {**c, "epochs": c["samples_seen"] / self.train_ds.total, "train_flops_per_image": self.flops_per_image,
+                "world_size": self.world}  # fmt: skip
 
     def _micro_loss(self, step: int):
         """loss of micro-batch a of this rank at `step`; stochastic depth/dropout seeded per (step, slot)

@@ -246,3 +246,6 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(tiny_data, tm
     with pytest.raises(TrainingFailedError, match="consecutive steps had a non-finite loss"):
         run_fit(cfg, ray_cluster["address"])
     assert list((tmp_path / "nan").glob("checkpoint_*/state.safetensors"))
+    # results.json says so: a sweep records the run as diverged (not failed, not retried).
+    res = json.loads((tmp_path / "nan" / "results.json").read_text())
+    assert res["status"] == "diverged" and "non-finite" in res["reason"] and res["training"]["skipped_steps"] >= 2

@@ -1,0 +1,1 @@
+"""Cluster configs (YAML, Dockerfile) and the one-machine multi-host helper (netns.py)."""
