@@ -57,15 +57,17 @@ def _allreduce_worker(config: dict) -> None:
         ray.train.report({})
 
 
-def allreduce_seconds(numel: int, workers: int, placement: str, gpu: bool) -> float:
+def allreduce_seconds(numel: int, workers: int, placement: str, gpu: bool, storage: str, endpoint: str | None) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.ray_job import storage_args
 
     trainer = TorchTrainer(
         _allreduce_worker, train_loop_config={"numel": numel, "reps": 10, "gpu": gpu},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, placement_strategy=placement),
-        run_config=RunConfig(name=f"allreduce-{workers}-{int(time.time())}", storage_path=tempfile.mkdtemp(prefix="bench-ar-")),
+        run_config=RunConfig(name=f"allreduce-{workers}-{int(time.time())}", **storage_args(storage, endpoint)),  # shared: rank 0 may be elsewhere
     )  # fmt: skip
     import json
 
@@ -73,13 +75,27 @@ def allreduce_seconds(numel: int, workers: int, placement: str, gpu: bool) -> fl
         return float(json.loads(Path(d, "allreduce.json").read_text())["allreduce_s"])
 
 
-def images_per_s(tb_dir: str) -> float:
+def images_per_s(run: str, endpoint: str | None) -> float:
+    """Median of the trainer's perf/images_per_s after the first quarter (TensorBoard events in the
+    run dir; for S3 storage they are uploaded at the end), else samples / wall time from results.json."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(tb_dir)
-    acc.Reload()
-    vals = [e.value for e in acc.Scalars("perf/images_per_s")]
-    return statistics.median(vals[len(vals) // 4 :])
+    from data_prep.storage import Store
+
+    store = Store(f"{run}/tensorboard", endpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in store.list():
+            Path(tmp, name).parent.mkdir(parents=True, exist_ok=True)
+            Path(tmp, name).write_bytes(store.read_bytes(name))
+        acc = EventAccumulator(tmp)
+        acc.Reload()
+        if "perf/images_per_s" in acc.Tags().get("scalars", []):
+            vals = [e.value for e in acc.Scalars("perf/images_per_s")]
+            return statistics.median(vals[len(vals) // 4 :])
+    import json
+
+    t = json.loads(Store(run, endpoint).read_bytes("results.json"))["training"]
+    return t["samples_seen"] / t["wall_time_s"]
 
 
 def one_layout(args, nodes: int) -> dict:
@@ -102,9 +118,14 @@ def one_layout(args, nodes: int) -> dict:
     t = time.time()
     fit(cfg)
     wall = time.time() - t
-    ips = images_per_s(os.path.join(args.storage, name, "tensorboard")) if not args.storage.startswith("s3://") else float("nan")
-    numel = sum(p.numel() for p in create_model(cfg.model.name, 10, width_mult=cfg.model.width_mult, device="meta").parameters())
-    ar = allreduce_seconds(numel, workers, placement, cfg.run.use_gpu)
+    endpoint = cfg.data.s3_endpoint or None
+    ips = images_per_s(f"{args.storage.rstrip('/')}/{name}", endpoint)
+    from data_prep.manifest import load_manifest
+
+    classes = len(load_manifest(cfg.data.root, endpoint)["classes"])
+    model = create_model(cfg.model.name, classes, width_mult=cfg.model.width_mult, depth_mult=cfg.model.depth_mult,
+                         device="meta", **cfg.model.overrides)  # fmt: skip
+    ar = allreduce_seconds(sum(p.numel() for p in model.parameters()), workers, placement, cfg.run.use_gpu, args.storage, endpoint)
     step = cfg.schedule.global_batch / ips
     return {"nodes": nodes, "workers": workers, "accum": accum, "global_batch": cfg.schedule.global_batch, "images_per_s": ips,
             "step_s": step, "allreduce_s": ar, "comm_share": ar / step, "wall_s": wall}  # fmt: skip

@@ -33,10 +33,11 @@ def can_create_namespaces() -> str | None:
     """None when this machine can build the hosts, else why not."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         return "building hosts with network namespaces needs root and iproute2"
-    probe = subprocess.run(["ip", "netns", "add", "nf-probe"], capture_output=True, text=True)
+    name = f"nf-probe-{uuid.uuid4().hex[:6]}"
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"this machine cannot create network namespaces: {probe.stderr.strip()}"
-    sh("ip", "netns", "del", "nf-probe")
+    sh("ip", "netns", "del", name)
     return None
 
 
@@ -117,4 +118,5 @@ class Hosts:
         time.sleep(1)
         for host in ("a", "b"):
             sh("ip", "netns", "del", self.ns[host], check=False)
+        sh("ip", "link", "del", f"v{self.ns['a'][-6:]}a", check=False)  # when up() stopped before moving it
         shutil.rmtree(self.temp, ignore_errors=True)

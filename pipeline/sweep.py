@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import traceback
 
@@ -47,6 +48,15 @@ def _read_json(url: str, name: str, endpoint) -> dict | None:
     return json.loads(store.read_bytes(name)) if store.exists(name) else None
 
 
+def _int(x, default: int = 0) -> int:
+    """Table cells may be "" or NaN (an older or hand-edited table)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return default
+    return int(v) if math.isfinite(v) else default
+
+
 def _params(cfg: TrainConfig, classes: int) -> int:
     from models import create_model
 
@@ -62,6 +72,9 @@ class Sweep:
         self.cfgs = {p.name: point_config(spec, p) for p in self.points}
         first = next(iter(self.cfgs.values()))
         self.endpoint = first.data.s3_endpoint or None
+        if "working_dir_files" in os.path.abspath(spec.root):  # would vanish with Ray's copy of the working dir
+            raise ValueError(f"storage {spec.storage!r} resolves inside Ray's temporary copy of the working dir "
+                             f"({os.path.abspath(spec.root)}); pass an absolute path or s3:// URI: --set storage=/abs/runs")  # fmt: skip
         try:
             self.manifest = load_manifest(first.data.root, self.endpoint)
         except Exception as e:
@@ -98,7 +111,9 @@ class Sweep:
         loss = pick.get("loss", math.nan)
         row.update(heldout_loss=loss, heldout_top1=pick.get("top1", math.nan), status="ok")
         chance = math.log(self.classes)
-        if not math.isfinite(loss) or loss > self.spec.diverged_factor * chance:
+        if "loss" not in pick:  # no evaluation was recorded: not a verdict on the run
+            row.update(status="failed", error="results.json holds no held-out evaluation")
+        elif not math.isfinite(loss) or loss > self.spec.diverged_factor * chance:
             row.update(status="diverged", error=f"held-out loss {loss:.4g} > {self.spec.diverged_factor} x ln({self.classes}) = "
                                                 f"{self.spec.diverged_factor * chance:.4g} (chance level)")  # fmt: skip
         return row
@@ -119,12 +134,15 @@ class Sweep:
                                  f"the spec changed. Use another sweep name, or delete {_run_dir(cfg)} and its row in {self.spec.table}")  # fmt: skip
             if row and row.get("status") in ("ok", "diverged"):
                 continue
-            if row and row.get("status") == "failed" and not self.retry_failed and row.get("attempts", 0) > self.spec.max_retries:
-                self.log(f"skip {p.name}: failed {int(row['attempts'])} times (re-run with --retry-failed to try again)")
+            if row and row.get("status") == "failed" and not self.retry_failed and _int(row.get("attempts")) > self.spec.max_retries:
+                self.log(f"skip {p.name}: failed {_int(row.get('attempts'))} times (re-run with --retry-failed to try again)")
                 continue
             saved = _read_json(_run_dir(cfg), "config.json", self.endpoint)
-            if saved is not None and saved == cfg.to_dict():  # finished while nobody was watching?
-                done = self._collect(p, None, int(row.get("attempts", 0)) if row else 1)
+            if saved is not None and saved != cfg.to_dict():  # its checkpoints belong to another config
+                raise ValueError(f"point {p.name}: {_run_dir(cfg)} holds a run with another config (the spec changed). "
+                                 "Use another sweep name, or delete that run directory and its row")  # fmt: skip
+            if saved is not None:  # finished while nobody was watching?
+                done = self._collect(p, None, _int(row.get("attempts")) if row else 1)
                 if done["status"] in ("ok", "diverged"):
                     self.rows[p.name] = done
                     self._save()
@@ -162,7 +180,10 @@ class Sweep:
                 pending[task.remote(cfg.to_dict())] = (key, time.time())
             ready, _ = ray.wait(list(pending), num_returns=1)
             key, t0 = pending.pop(ready[0])
-            error = ray.get(ready[0])
+            try:
+                error = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - the task's process died (OOM, lost node): record, go on
+                error = f"{type(e).__name__}: {e}"[-2000:]
             self.log(f"end {key} in {time.time() - t0:.0f} s" + (f": {error.strip().splitlines()[-1]}" if error else ""))
             retry = on_done(key, error)
             if retry is not None:
@@ -175,7 +196,7 @@ class Sweep:
 
         def done(key, error):
             p = by_name[key]
-            attempts = int(self.rows.get(key, {}).get("attempts", 0) or 0) + 1
+            attempts = _int(self.rows.get(key, {}).get("attempts")) + 1
             self.rows[key] = self._collect(p, error, attempts)
             self._save()
             r = self.rows[key]
@@ -188,7 +209,8 @@ class Sweep:
         self._run_many([(p.name, self.cfgs[p.name]) for p in todo], done)
 
     def selected_for_finetuning(self) -> list[str]:
-        rows = list(self.rows.values())
+        current = {p.name for p in self.points}  # the table may hold rows of points the spec no longer lists
+        rows = [r for r in self.rows.values() if r["point"] in current]
         if self.spec.finetune.select == "all":
             return [r["point"] for r in rows if r["status"] == "ok"]
         cs = best_cells(rows, "heldout_loss")
@@ -202,12 +224,17 @@ class Sweep:
         if not self.spec.finetune.preset:
             return
         by_name = {p.name: p for p in self.points}
-        want = [k for k in self.selected_for_finetuning() if self.rows[k].get("finetune_status") != "ok"]
         jobs = []
-        for k in want:
+        for k in self.selected_for_finetuning():
             cfg = finetune_config(self.spec, by_name[k], self.rows[k]["run_dir"])
+            h = config_hash(cfg)  # of the config before data preparation: what the SPEC asked for
+            row = self.rows[k]
+            if row.get("finetune_status") == "ok" and row.get("finetune_config_hash") == h:
+                continue
+            row.update(finetune_config_hash=h, finetune_top1=math.nan, finetune_top5=math.nan, finetune_status="")
             prepare_data(cfg, use_ray=False, progress=False)  # packs once, in the driver; then reused
             cfg.data.source = ""
+            Store(_run_dir(cfg), self.endpoint).delete("results.json")  # never read a stale result as this one's
             jobs.append((k, cfg))
         self.log(f"fine-tuning {len(jobs)} run(s) ({self.spec.finetune.select}) with preset {self.spec.finetune.preset}")
         ft_cfgs = dict(jobs)

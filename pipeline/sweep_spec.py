@@ -48,6 +48,9 @@ class BudgetSpec:
     label: str = ""
 
     def __post_init__(self):
+        for k in BUDGET_KINDS:  # YAML reads 1e15 (no dot) as a string
+            setattr(self, k, float(getattr(self, k)))
+        self.lr = [float(x) for x in (self.lr if isinstance(self.lr, list) else [self.lr])]
         set_ = [k for k in BUDGET_KINDS if getattr(self, k)]
         if len(set_) != 1:
             raise ValueError(f"a budget sets exactly one of {BUDGET_KINDS}, got {set_ or 'none'}")
@@ -90,6 +93,14 @@ class SweepSpec:
 
     def __post_init__(self):
         self.models = [ModelSpec(m) if isinstance(m, str) else m for m in self.models]
+        for m in self.models:
+            m.width_mult, m.depth_mult = float(m.width_mult), float(m.depth_mult)
+        self.lr_grid = [float(x) for x in (self.lr_grid if isinstance(self.lr_grid, list) else [self.lr_grid])]
+        self.seeds = [int(x) for x in (self.seeds if isinstance(self.seeds, list) else [self.seeds])]
+        self.parallel, self.max_retries, self.bootstrap = int(self.parallel), int(self.max_retries), int(float(self.bootstrap))
+        self.diverged_factor = float(self.diverged_factor)
+        if not self.seeds or any(not (b.lr or self.lr_grid) for b in self.budgets):
+            raise ValueError("seeds and every budget's lr grid (or lr_grid) must be non-empty")
         if not self.models or not self.budgets:
             raise ValueError("a sweep needs at least one model and one budget")
         if self.metric not in ("raw", "ema"):
@@ -101,6 +112,11 @@ class SweepSpec:
         labels = [m.label for m in self.models]
         if len(set(labels)) != len(labels):
             raise ValueError(f"model labels must be unique, got {labels}")
+        names = [p.name for p in points(self)]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"points with the same name (repeated budgets or lrs, or budget labels that round alike): {dup}; "
+                             "remove the repeats or give the budgets distinct `label`s")  # fmt: skip
 
     @property
     def root(self) -> str:

@@ -182,7 +182,9 @@ class TrainRun:
             # every step caps training at one step per 2 s. Per-step metrics go to TensorBoard.
             if (cfg.schedule.ckpt_every and (step + 1) % cfg.schedule.ckpt_every == 0) or last:
                 self._checkpoint(metrics)
-        ev = getattr(self, "last_eval", {})
+        if not getattr(self, "last_eval", None):  # resumed at the end (e.g. a failure after the last step): evaluate now
+            self._evaluate(self.total_steps)
+        ev = self.last_eval
         self._write_results({
             **{tag: {k: ev[f"heldout_{tag}_{k}"] for k in ("top1", "top5", "loss")} for tag in ("raw", "ema") if f"heldout_{tag}_loss" in ev},
             "samples": ev.get("heldout_samples"), "bad_samples": ev.get("heldout_bad"),

@@ -29,12 +29,13 @@ def cells(rows: list[dict], metric: str = "heldout_loss") -> list[Cell]:
     """Best lr per (model, budget): the lr whose loss, averaged over its ok seeds, is lowest."""
     groups: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r.get("status") == "ok" and math.isfinite(_f(r.get(metric))):
+        usable = all(math.isfinite(_f(r.get(k))) and _f(r.get(k)) > 0 for k in (metric, "params", "flops_per_image", "train_flops", "samples_seen"))
+        if r.get("status") == "ok" and usable:
             groups[(r["model"], r["budget"])][_f(r["lr_base"])].append(r)
     out = []
     for (model, budget), by_lr in groups.items():
         lr, runs = min(by_lr.items(), key=lambda kv: np.mean([_f(r[metric]) for r in kv[1]]))
-        rep = min(runs, key=lambda r: int(_f(r.get("seed", 0)) or 0))
+        rep = min(runs, key=lambda r: _f(r.get("seed")) if math.isfinite(_f(r.get("seed"))) else 0.0)
         ft = [_f(r.get("finetune_top1")) for r in runs if math.isfinite(_f(r.get("finetune_top1")))]
         out.append(Cell(
             model=model, params=_f(rep["params"]), flops_per_image=_f(rep["flops_per_image"]), budget=budget,
@@ -98,7 +99,7 @@ def extrapolation(cs: list[Cell], rows: list[dict], train_size: float) -> dict |
         return Refusal(what, "one budget only")
     largest = max(by_budget, key=lambda b: np.mean([c.compute for c in by_budget[b]]))
     held = min(by_budget[largest], key=lambda c: c.loss)
-    rest = [c for c in cs if c.budget != largest]
+    rest = [c for c in cs if c.budget != largest and c.compute < held.compute]  # a true extrapolation in C
     out = {"held_out_budget": largest, "compute": held.compute, "actual_loss": held.loss, "model": held.model}
     fr = frontier(rest)
     for name, sat in (("saturating", True), ("power", False)):
@@ -116,8 +117,10 @@ def analyze(rows: list[dict], *, train_size: float, metric: str = "heldout_loss"
     status = defaultdict(int)
     for r in rows:
         status[r.get("status", "?")] += 1
-    result = {"cells": cs, "status": dict(status), "metric": metric, "train_size": train_size,
-              "excluded": [r for r in rows if r.get("status") != "ok"]}  # fmt: skip
+    used = {c.point for c in cs} | {r["point"] for r in rows if r.get("status") == "ok" and (r["model"], r["budget"]) in {(c.model, c.budget) for c in cs}}
+    excluded = [r if r.get("status") != "ok" else {**r, "status": "ok, not usable", "error": "missing or non-positive loss/params/FLOPs"}
+                for r in rows if r["point"] not in used]  # fmt: skip
+    result = {"cells": cs, "status": dict(status), "metric": metric, "train_size": train_size, "excluded": excluded}
     if len(cs) < 3:
         result["refusal"] = Refusal("all fits", f"{len(cs)} usable (model, budget) cells; at least 3 are needed")
         return result

@@ -84,7 +84,7 @@ def frontier(cells: list[Cell]) -> list[Cell]:
     """Lower envelope: cells whose loss beats every cell of smaller compute (ordered by compute)."""
     out, best = [], math.inf
     for c in sorted(cells, key=lambda c: (c.compute, c.loss)):
-        if c.loss < best:
+        if c.loss < best or (out and c is out[-1]):  # a cell drawn twice by the bootstrap counts twice
             out.append(c)
             best = c.loss
     return out
@@ -156,11 +156,12 @@ def _slices(cells: list[Cell], per_model: dict[str, list[Cell]], n_levels: int) 
     """isoFLOP slices (compute level, {model: loss}). Budgets set in FLOPs are slices as they are
     (each model ran that budget, to within one step); otherwise each model's loss is interpolated
     to log-spaced levels across the range that at least 3 models cover."""
-    by_budget: dict[float, dict[str, float]] = {}
+    by_budget: dict[float, list[tuple[str, float]]] = {}
     for c in cells:
-        if math.isfinite(c.budget_flops):
-            by_budget.setdefault(c.budget_flops, {})[c.model] = c.loss
-    shared = sorted((lvl, ms) for lvl, ms in by_budget.items() if len(ms) >= 3)
+        # A budget below one step of a big model runs one whole step: that cell is not on the level.
+        if math.isfinite(c.budget_flops) and c.compute <= 1.5 * c.budget_flops:
+            by_budget.setdefault(c.budget_flops, []).append((c.model, c.loss))
+    shared = sorted((lvl, ms) for lvl, ms in by_budget.items() if len({m for m, _ in ms}) >= 3)
     if len(shared) >= 2:
         return shared
     spans = [(v[0].compute, v[-1].compute) for v in per_model.values() if len(v) >= 2]
@@ -169,7 +170,7 @@ def _slices(cells: list[Cell], per_model: dict[str, list[Cell]], n_levels: int) 
     lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
     out = []
     for g in np.exp(np.linspace(math.log(lo), math.log(hi), n_levels)):
-        losses = {m: l for m, v in per_model.items() if (l := _loss_at(v, float(g))) is not None}
+        losses = [(m, l) for m, v in per_model.items() if (l := _loss_at(v, float(g))) is not None]
         if len(losses) >= 3:
             out.append((float(g), losses))
     return out
@@ -177,6 +178,7 @@ def _slices(cells: list[Cell], per_model: dict[str, list[Cell]], n_levels: int) 
 
 def _loss_at(model_cells: list[Cell], c: float) -> float | None:
     """Log-log interpolation of one model's loss at compute c; None outside its range."""
+    model_cells = list({id(x): x for x in model_cells}.values())  # bootstrap duplicates: one curve
     cs = np.array([x.compute for x in model_cells])
     if c < cs[0] * (1 - 1e-9) or c > cs[-1] * (1 + 1e-9):
         return None
@@ -197,7 +199,9 @@ def compute_optimal(cells: list[Cell], train_size: float, n_levels: int = 7) -> 
     f_slope, f_icpt = np.polyfit(logn, logf, 1)
     out = OptimalFit()
     for level, losses in _slices(cells, per, n_levels):
-        pts = [(math.log(per[m][0].params), math.log(l)) for m, l in losses.items()]
+        pts = [(math.log(per[m][0].params), math.log(l)) for m, l in losses]
+        if len({x for x, _ in pts}) < 3:
+            continue
         xs, ys = np.array(pts).T
         c2, c1, c0 = np.polyfit(xs, ys, 2)
         best = int(np.argmin(ys))
@@ -226,8 +230,14 @@ def compute_optimal(cells: list[Cell], train_size: float, n_levels: int = 7) -> 
 
 
 def fit_error_vs_compute(cells: list[Cell]) -> PowerFit | Refusal:
-    """Fine-tuned top-1 error against pretraining compute: err = a * C^-b on the best cell per compute."""
-    pts = [c for c in cells if np.isfinite(c.finetune_top1) and c.finetune_top1 < 1]
-    if not pts:
+    """Fine-tuned top-1 error against pretraining compute: err = a * C^-b on its lower envelope
+    (cells whose error beats every cell of less compute)."""
+    ft = sorted((c for c in cells if np.isfinite(c.finetune_top1) and c.finetune_top1 < 1), key=lambda c: (c.compute, -c.finetune_top1))
+    if not ft:
         return Refusal("fine-tuned error(C)", "no fine-tuned runs")
+    pts, best = [], math.inf
+    for c in ft:
+        if 1 - c.finetune_top1 < best or (pts and c is pts[-1]):
+            pts.append(c)
+            best = 1 - c.finetune_top1
     return fit_power([c.compute for c in pts], [1 - c.finetune_top1 for c in pts], saturating=False)

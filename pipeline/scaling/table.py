@@ -17,7 +17,8 @@ COLUMNS = [
     "budget", "budget_kind", "budget_value", "lr_base", "peak_lr", "seed",
     "samples_seen", "epochs", "train_flops", "wall_time_s", "device_hours",
     "heldout_loss", "heldout_loss_raw", "heldout_loss_ema", "heldout_top1",
-    "finetune_top1", "finetune_top5", "finetune_status", "status", "attempts", "error", "config_hash", "run_dir",
+    "finetune_top1", "finetune_top5", "finetune_status", "status", "attempts", "error", "config_hash", "finetune_config_hash",
+    "run_dir",
 ]  # fmt: skip
 NUMERIC = {"width_mult", "depth_mult", "params", "flops_per_image", "budget_value", "lr_base", "peak_lr", "seed",
            "samples_seen", "epochs", "train_flops", "wall_time_s", "device_hours", "heldout_loss", "heldout_loss_raw",
@@ -53,6 +54,8 @@ def read_table(url: str, endpoint: str | None = None) -> list[dict]:
         missing = [c for c in ("point", "model", "status") if c not in r]
         if missing:
             raise ValueError(f"{url}: row {i + 1} has no {missing} column(s); is this a sweep results table?")
+        for c in COLUMNS:  # an older table: absent columns read as empty
+            r.setdefault(c, "")
         for c in NUMERIC & set(r):
             try:
                 r[c] = _num(r[c])
