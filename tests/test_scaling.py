@@ -4,6 +4,7 @@ end-to-end mini sweep (launch/scaling_sweep.py) on a real Ray cluster."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -217,3 +218,51 @@ def test_mini_sweep_end_to_end_with_divergence_retry_finetuning_and_resume(tmp_p
     assert again.returncode == 0, again.stderr[-3000:]
     assert "9 points, 0 to run" in again.stdout and "\nstart " not in again.stdout and "fine-tuning 0 run(s)" in again.stdout
     assert table.read_bytes() == before
+
+
+def test_sweep_resume_decisions_without_training(tmp_path):
+    """Which points a re-run trains, from the table and the run directories alone (no Ray): ok and
+    diverged rows are skipped, failed rows retried until max_retries, then only with --retry-failed;
+    a run that finished while the sweep was not watching is recorded; a run dir holding another
+    config is refused by name."""
+    import yaml
+
+    from data_prep.pack import PackOptions, pack
+    from pipeline.ray_job import save_config
+    from pipeline.sweep import Sweep
+    from pipeline.sweep_spec import load_spec
+
+    data = tmp_path / "fm"
+    pack("fashion-mnist", str(data), PackOptions(samples_per_shard=100, limit_per_split=200, heldout_fraction=0.1), progress=False)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "name": "s", "storage": str(tmp_path / "sw"), "preset": "demo", "set": [f"data.root={data}", "run.num_workers=1"],
+        "models": ["nfnet_pico"], "budgets": [{"samples": 256, "lr": [0.1, 0.2, 0.4, 0.8]}], "max_retries": 1,
+    }))  # fmt: skip
+    spec = load_spec(str(spec_file))
+    sw = Sweep(spec, log=lambda *_: None)
+    a, b, c, d = (p.name for p in sw.points)
+    # a: ok in the table; b: failed twice (exhausted); c: failed once; d: finished unwatched
+    rows = {a: {"status": "ok"}, b: {"status": "failed", "attempts": 2}, c: {"status": "failed", "attempts": 1}}
+    for k, r in rows.items():
+        sw.rows[k] = {**sw._base_row(next(p for p in sw.points if p.name == k), sw.cfgs[k]), **r}
+    cfg_d = sw.cfgs[d]
+    save_config(cfg_d)
+    run_d = Path(cfg_d.run.storage) / cfg_d.run.name
+    (run_d / "results.json").write_text(json.dumps({
+        "status": "ok", "raw": {"loss": 1.5, "top1": 0.5}, "ema": {"loss": 1.6, "top1": 0.4},
+        "training": {"samples_seen": 256, "epochs": 0.5, "train_flops": 1e9, "wall_time_s": 10.0, "train_flops_per_image": 4e6, "world_size": 1},
+    }))  # fmt: skip
+    assert [p.name for p in sw.todo()] == [c]
+    assert sw.rows[d]["status"] == "ok" and sw.rows[d]["heldout_loss"] == 1.5 and sw.rows[d]["device_hours"] == pytest.approx(10 / 3600)
+    assert {r["point"] for r in read_table(spec.table)} == {a, b, c, d}  # recorded at once
+    retry = Sweep(spec, retry_failed=True, log=lambda *_: None)
+    assert [p.name for p in retry.todo()] == [b, c]
+    # The same names with another config (the SPEC's `set` changed): refused, naming the point.
+    changed = load_spec(str(spec_file))
+    changed.set.append("optim.weight_decay=0.001")
+    with pytest.raises(ValueError, match=rf"point {a}: the table holds a finished run with another config"):
+        Sweep(changed, log=lambda *_: None).todo()
+    Path(spec.table).unlink()  # no table: the run directory itself says whose run it is
+    with pytest.raises(ValueError, match=rf"point {d}: .* holds a run with another config"):
+        Sweep(changed, log=lambda *_: None).todo()
