@@ -6,8 +6,7 @@ placed one per node (gloo over the veth), reading shards from S3 and checkpointi
 the worker node's training process mid-run and check the run recovers and ends with the same
 held-out loss as an uninterrupted run; fine-tune from the S3 export on both nodes.
 
-Needs root (CI runs as root) and iproute2. Without them the test fails and says so; set
-NFNET_NO_NETNS=1 to skip it knowingly on a developer machine.
+Needs root (CI runs as root) and iproute2. Without them the test fails and says so.
 """
 
 from __future__ import annotations
@@ -25,11 +24,9 @@ import pytest
 from infra.netns import Hosts, can_create_namespaces
 @pytest.fixture(scope="module")
 def hosts():
-    if os.environ.get("NFNET_NO_NETNS") == "1":
-        pytest.skip("NFNET_NO_NETNS=1: the multi-node tests were switched off on purpose")
     why = can_create_namespaces()
     if why:
-        pytest.fail(f"{why}. The multi-node tests need it (CI runs as root); set NFNET_NO_NETNS=1 to skip them knowingly.")
+        pytest.fail(f"{why}. The multi-node tests need it (CI runs as root): run the suite as root.")
     h = Hosts()
     try:
         h.up()
