@@ -39,6 +39,10 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "heldout"
     workers: int = 2  # DataLoader processes per training worker
+    # Threads decoding JPEGs inside each loader process (0/1: inline). libjpeg-turbo releases the
+    # GIL, so with light augmentation `workers=0, decode_threads=N` decodes in the training
+    # process itself and skips the shared-memory hand-over (docs/data-loading.md, "Speed").
+    decode_threads: int = 0
     prefetch: int = 2
     shuffle_window: int = 4096
     s3_endpoint: str = ""

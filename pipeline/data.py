@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,9 +175,10 @@ class _ShardReader:
 class _Stream(IterableDataset):
     """Shared machinery: positions -> samples -> decoded batch, split across DataLoader workers."""
 
-    def __init__(self, root: str, split: str, endpoint: str | None):
+    def __init__(self, root: str, split: str, endpoint: str | None, decode_threads: int = 0):
         super().__init__()
-        self.root, self.split, self.endpoint = root, split, endpoint
+        self.root, self.split, self.endpoint, self.decode_threads = root, split, endpoint, decode_threads
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
         manifest = load_manifest(root, endpoint)
         self.classes = manifest["classes"]
         self.shards = shards_of(manifest, split)
@@ -212,6 +215,19 @@ class _Stream(IterableDataset):
             log.warning("sample %s (key %s) undecodable (%s: %s); skipped", where, sample.get("__key__"), type(e).__name__, e)
             return None, -1
 
+    def _decode_many(self, items: list[tuple[dict | None, str]], res: int | None) -> list[tuple[torch.Tensor | None, int]]:
+        """_decode over a batch, on `decode_threads` threads when set (libjpeg-turbo releases the
+        GIL). Decoding draws no random numbers, so the batch is the same either way; the random
+        per-image transforms stay on the calling thread, in sample order."""
+        if self.decode_threads <= 1 or len(items) < 2:
+            return [self._decode(sample, where, res) for sample, where in items]
+        if self._pool is None or self._pool[0] != os.getpid():  # not inherited across a fork
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode"))
+        return list(self._pool[1].map(lambda it: self._decode(it[0], it[1], res), items))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # DataLoader workers under spawn get their own
+
     @staticmethod
     def _worker() -> tuple[int, int]:
         info = get_worker_info()
@@ -222,8 +238,9 @@ class TrainStream(_Stream):
     """Infinite stream of a rank's training micro-batches from optimizer step `start_step` on."""
 
     def __init__(self, root: str, layout: Layout, rank: int, aug: AugmentConfig, *, split: str = "train",
-                 seed: int = 0, start_step: int = 0, shuffle_window: int = 4096, endpoint: str | None = None):  # fmt: skip
-        super().__init__(root, split, endpoint)
+                 seed: int = 0, start_step: int = 0, shuffle_window: int = 4096, endpoint: str | None = None,
+                 decode_threads: int = 0):  # fmt: skip
+        super().__init__(root, split, endpoint, decode_threads)
         self.layout, self.rank, self.aug, self.seed, self.start_step = layout, rank, aug, seed, start_step
         self.steps_per_epoch = self.total // layout.global_batch
         if self.steps_per_epoch == 0:
@@ -292,9 +309,8 @@ class TrainStream(_Stream):
 
     def _make_batch(self, locs, cache, augment, rng_key, epoch, k) -> dict:
         images, labels, keys, bad = [], [], [], 0
-        for sh, off in locs:
-            sample = cache.get((sh, off))
-            img, lab = self._decode(sample, f"{self.shards[sh].name}#{off}", None)
+        items = [(cache.get((sh, off)), f"{self.shards[sh].name}#{off}") for sh, off in locs]
+        for (sh, off), (sample, _), (img, lab) in zip(locs, items, self._decode_many(items, None)):
             if img is None:
                 bad += 1
             images.append(img)
@@ -317,8 +333,9 @@ class TrainStream(_Stream):
 class EvalStream(_Stream):
     """A rank's share of a split for exact evaluation: every sample once across ranks, padded batches."""
 
-    def __init__(self, root: str, split: str, batch: int, rank: int, world: int, aug: AugmentConfig, endpoint: str | None = None):
-        super().__init__(root, split, endpoint)
+    def __init__(self, root: str, split: str, batch: int, rank: int, world: int, aug: AugmentConfig, endpoint: str | None = None,
+                 decode_threads: int = 0):  # fmt: skip
+        super().__init__(root, split, endpoint, decode_threads)
         self.batch, self.rank, self.world, self.aug = batch, rank, world, aug
         per_rank = math.ceil(self.total / world)
         self.start, self.stop = min(rank * per_rank, self.total), min((rank + 1) * per_rank, self.total)
@@ -343,9 +360,8 @@ class EvalStream(_Stream):
             labels = torch.zeros(self.batch, dtype=torch.long)
             mask = torch.zeros(self.batch)
             keys, bad = [], 0
-            for i, (sh, off) in enumerate(locs):
-                sample = cache.get((sh, off))
-                img, lab = self._decode(sample, f"{self.shards[sh].name}#{off}", res)
+            items = [(cache.get((sh, off)), f"{self.shards[sh].name}#{off}") for sh, off in locs]
+            for i, ((sample, _), (img, lab)) in enumerate(zip(items, self._decode_many(items, res))):
                 if img is None:
                     bad += 1
                     continue
@@ -368,8 +384,9 @@ def train_loader(root: str, layout: Layout, rank: int, aug: AugmentConfig, *, wo
 
 
 def eval_loader(root: str, split: str, batch: int, rank: int, world: int, aug: AugmentConfig, *, workers: int = 2,
-                prefetch: int = 2, endpoint: str | None = None, check: bool = True) -> tuple[DataLoader, EvalStream]:  # fmt: skip
-    ds = EvalStream(root, split, batch, rank, world, aug, endpoint)
+                prefetch: int = 2, endpoint: str | None = None, check: bool = True, decode_threads: int = 0,
+                ) -> tuple[DataLoader, EvalStream]:  # fmt: skip
+    ds = EvalStream(root, split, batch, rank, world, aug, endpoint, decode_threads)
     if check:
         check_shards(root, ds.shards, endpoint)
     return _loader(ds, workers, prefetch), ds

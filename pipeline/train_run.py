@@ -115,7 +115,7 @@ class TrainRun:
         self.train_dl, self.train_ds = train_loader(
             cfg.data.root, layout, self.rank, cfg.aug, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
             split=cfg.data.train_split, seed=cfg.run.seed, start_step=start, shuffle_window=cfg.data.shuffle_window,
-            endpoint=self.endpoint,
+            endpoint=self.endpoint, decode_threads=cfg.data.decode_threads,
         )  # fmt: skip
         self.total_steps = cfg.total_steps(self.train_ds.total, self.flops_per_image)
         steps_per_epoch = self.train_ds.total / cfg.schedule.global_batch
@@ -234,7 +234,8 @@ class TrainRun:
     def _evaluate(self, step: int) -> dict:
         cfg = self.cfg
         dl, _ = eval_loader(cfg.data.root, cfg.data.eval_split, cfg.schedule.micro_batch, self.rank, self.world,
-                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint)  # fmt: skip
+                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint,
+                            decode_threads=cfg.data.decode_threads)  # fmt: skip
         out = {}
         for tag, module in (("raw", self.module), ("ema", self.ema.module if self.ema is not None else None)):
             if module is None:
@@ -258,7 +259,8 @@ class TrainRun:
         elif src.num_classes != len(self.classes):
             raise ValueError(f"class mismatch: {src.url} has {src.num_classes} classes, {where} has {len(self.classes)}")
         dl, _ = eval_loader(cfg.data.root, cfg.data.eval_split, cfg.schedule.micro_batch, self.rank, self.world,
-                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint)  # fmt: skip
+                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint,
+                            decode_threads=cfg.data.decode_threads)  # fmt: skip
         out = {}
         for tag in ("raw", "ema"):
             if tag == "ema" and src.ema is None:

@@ -194,3 +194,24 @@ def test_indexed_reads_equal_streamed_reads(packed):
     ref = keys_of(iter(ds), 6)
     ds.shards = [dataclasses.replace(s, offsets=None) for s in ds.shards]
     assert keys_of(iter(ds), 6) == ref
+
+
+def test_decode_threads_give_the_same_batches(packed):
+    """Decoding on threads draws no random numbers: images, targets and keys equal the inline ones,
+    in the training process and in loader processes, for training and for evaluation."""
+    layout = Layout(micro_batch=16, world_size=2, accum_steps=1)
+
+    def batches(**kw):
+        return list(itertools.islice(train_loader(packed, layout, 1, AUG, shuffle_window=64, seed=5, **kw)[0], 5))
+
+    ref = batches(workers=0)
+    ds = TrainStream(packed, layout, 1, AUG, shuffle_window=64, seed=5, decode_threads=3)
+    next(iter(ds))
+    assert ds._pool is not None  # the threaded path really ran
+    for kw in (dict(workers=0, decode_threads=3), dict(workers=2, decode_threads=2)):
+        got = batches(**kw)
+        assert [b["keys"] for b in got] == [b["keys"] for b in ref]
+        assert all(torch.equal(g["image"], r["image"]) and torch.equal(g["target"], r["target"]) for g, r in zip(got, ref))
+    ev = [list(eval_loader(packed, "heldout", 16, 0, 1, AUG, workers=w, decode_threads=t)[0]) for w, t in ((0, 0), (0, 2))]
+    assert [b["keys"] for b in ev[0]] == [b["keys"] for b in ev[1]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*ev))
