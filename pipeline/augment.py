@@ -63,15 +63,16 @@ def stack_batch(tensors: list[torch.Tensor]) -> torch.Tensor:
     the training device."""
     first = tensors[0]
     c, h, w = first.shape
-    n = len(tensors) * first.numel()
-    storage = first._typed_storage()._new_shared(n, device=first.device) if get_worker_info() is not None else None
+    if get_worker_info() is not None:
+        out = first.new(first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device))
+    else:
+        out = first.new_empty(0)
     if first.stride(0) == 1 and c > 1:
-        out = (first.new(storage) if storage is not None else first.new_empty(0)).resize_(len(tensors), h, w, c)
+        out = out.resize_(len(tensors), h, w, c)
         for i, t in enumerate(tensors):
             out[i].copy_(t.permute(1, 2, 0))
         return out.permute(0, 3, 1, 2)
-    out = (first.new(storage) if storage is not None else first.new_empty(0)).resize_(len(tensors), c, h, w)
-    return torch.stack(tensors, out=out)
+    return torch.stack(tensors, out=out.resize_(len(tensors), c, h, w))
 
 
 def decode(jpg: bytes, target: int | None = None) -> torch.Tensor:
@@ -84,8 +85,8 @@ def decode(jpg: bytes, target: int | None = None) -> torch.Tensor:
     callers that shrink the whole image, i.e. evaluation. Anything libjpeg-turbo refuses (CMYK,
     a PNG in a foreign shard) goes through torchvision's generic decoder; corrupt bytes raise.
     """
+    t = target or 0
     try:
-        t = target or 0
         arr = simplejpeg.decode_jpeg(jpg, colorspace="RGB", min_height=t, min_width=t, min_factor=2 if t else 1)
     except ValueError:
         # Not a JPEG (a PNG in a foreign shard) or one libjpeg-turbo cannot turn into RGB (CMYK):
@@ -136,19 +137,11 @@ class TrainAugment:
         y = torch.nn.functional.one_hot(labels, self.num_classes).float()
         half = x.shape[0] // 2
         if self.mixup is not None or self.cutmix is not None:
-            parts = []
-            for mix, sl in ((self.mixup, slice(0, half)), (self.cutmix, slice(half, None))):
-                xi, li = x[sl], labels[sl]
-                if mix is not None and xi.shape[0] > 1:
-                    # MixUp blends, so it runs in float and rounds back; CutMix only pastes a box
-                    # of the partner image, which is exact on uint8 (no float copy of its half).
-                    xi, yi = mix(xi.float() if mix is self.mixup else xi, li)
-                    xi = xi.round_().clamp_(0, 255).to(torch.uint8) if xi.is_floating_point() else xi
-                else:
-                    yi = torch.nn.functional.one_hot(li, self.num_classes).float()
-                parts.append((xi, yi))
-            x = torch.cat([p[0] for p in parts])
-            y = torch.cat([p[1] for p in parts])
+            # MixUp blends, so it runs in float and rounds back; CutMix only pastes a box of the
+            # partner image, which is exact on uint8 (no float copy of its half).
+            xa, ya = self._mix(self.mixup, x[:half], labels[:half], blend=True)
+            xb, yb = self._mix(self.cutmix, x[half:], labels[half:], blend=False)
+            x, y = torch.cat([xa, xb]), torch.cat([ya, yb])
         if self.randaug is not None:
             x = self._randaug(x)
         elif get_worker_info() is not None and not x.is_shared():
@@ -156,6 +149,14 @@ class TrainAugment:
         if self.cfg.label_smoothing > 0:
             y = y * (1 - self.cfg.label_smoothing) + self.cfg.label_smoothing / self.num_classes
         return x, y
+
+    def _mix(self, mix, x: torch.Tensor, labels: torch.Tensor, blend: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if mix is None or x.shape[0] < 2:
+            return x, torch.nn.functional.one_hot(labels, self.num_classes).float()
+        if not blend:
+            return mix(x, labels)
+        xf, y = mix(x.float(), labels)
+        return xf.round_().clamp_(0, 255).to(torch.uint8), y
 
     def _randaug(self, x: torch.Tensor) -> torch.Tensor:
         """RandAugment per image of a (B, 3, S, S) uint8 batch, on PIL images.

@@ -231,11 +231,14 @@ class TrainRun:
         return AGCStats(torch.zeros(()), 0, torch.zeros(()))
 
     # ---- evaluation, logging, checkpoints, export ----------------------------------------------
+    def _eval_loader(self):
+        d = self.cfg.data
+        return eval_loader(d.root, d.eval_split, self.cfg.schedule.micro_batch, self.rank, self.world, self.cfg.aug,
+                           workers=d.workers, endpoint=self.endpoint, decode_threads=d.decode_threads)[0]  # fmt: skip
+
     def _evaluate(self, step: int) -> dict:
         cfg = self.cfg
-        dl, _ = eval_loader(cfg.data.root, cfg.data.eval_split, cfg.schedule.micro_batch, self.rank, self.world,
-                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint,
-                            decode_threads=cfg.data.decode_threads)  # fmt: skip
+        dl = self._eval_loader()
         out = {}
         for tag, module in (("raw", self.module), ("ema", self.ema.module if self.ema is not None else None)):
             if module is None:
@@ -258,9 +261,7 @@ class TrainRun:
             check_classes(src.classes, self.classes, src.url, where)
         elif src.num_classes != len(self.classes):
             raise ValueError(f"class mismatch: {src.url} has {src.num_classes} classes, {where} has {len(self.classes)}")
-        dl, _ = eval_loader(cfg.data.root, cfg.data.eval_split, cfg.schedule.micro_batch, self.rank, self.world,
-                            cfg.aug, workers=cfg.data.workers, endpoint=self.endpoint,
-                            decode_threads=cfg.data.decode_threads)  # fmt: skip
+        dl = self._eval_loader()
         out = {}
         for tag in ("raw", "ema"):
             if tag == "ema" and src.ema is None:
