@@ -5,7 +5,7 @@
 Corpus: photo-like JPEGs (bench/pack.py's generator), packed by data_prep into shards at 256 px
 (shorter side) and also written as class-folder files. All run in this one invocation on the same
 cores:
-  ceiling  : the loader's decoder (pipeline.augment.decode) over the shard JPEG bytes, `workers`
+  ceiling  : the loader's decoder (pipeline.data.augment.decode) over the shard JPEG bytes, `workers`
              processes, no I/O; torchvision.io.decode_jpeg's rate is printed beside it;
   ours/off : pipeline.data with augmentation off (decode, centre crop at 256), `workers` loader
              processes; and again in the training process itself (workers=0) with `workers`
@@ -39,14 +39,14 @@ from pack import make_corpus  # noqa: E402
 
 from data_prep.images import ImageOptions  # noqa: E402
 from data_prep.pack import PackOptions, pack  # noqa: E402
-from pipeline.augment import AugmentConfig, TrainAugment  # noqa: E402
-from pipeline.data import Layout, train_loader  # noqa: E402
+from pipeline.data.augment import AugmentConfig, TrainAugment  # noqa: E402
+from pipeline.data.loader import Layout, train_loader  # noqa: E402
 
 
 def _decode_all(blobs: list[bytes], torchvision_io: bool) -> int:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from pipeline.augment import decode
+    from pipeline.data.augment import decode
 
     torch.set_num_threads(1)
     for b in blobs:

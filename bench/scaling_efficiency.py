@@ -61,7 +61,7 @@ def allreduce_seconds(numel: int, workers: int, placement: str, gpu: bool, stora
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.ray_job import storage_args
+    from pipeline.train.ray_job import storage_args
 
     trainer = TorchTrainer(
         _allreduce_worker, train_loop_config={"numel": numel, "reps": 10, "gpu": gpu},
@@ -101,7 +101,7 @@ def images_per_s(run: str, endpoint: str | None) -> float:
 def one_layout(args, nodes: int) -> dict:
     from models import create_model
     from pipeline.config import resolve
-    from pipeline.ray_job import fit
+    from pipeline.train.ray_job import fit
 
     k = args.workers_per_node
     workers = k * nodes

@@ -31,9 +31,9 @@ def worker(config: dict) -> None:
     import torch
 
     from models import create_model
-    from pipeline.agc import adaptive_grad_clip_
+    from pipeline.train.agc import adaptive_grad_clip_
     from pipeline.config import resolve
-    from pipeline.trainer import SkippableSGD, agc_at_boundary, deepspeed_config, soft_cross_entropy
+    from pipeline.train.step import SkippableSGD, agc_at_boundary, deepspeed_config, soft_cross_entropy
 
     gpu = config["gpu"]
     device = torch.device("cuda", ray.train.get_context().get_local_rank()) if gpu else torch.device("cpu")

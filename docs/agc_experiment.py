@@ -33,7 +33,7 @@ def main() -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pipeline.config import resolve
-    from pipeline.ray_job import fit
+    from pipeline.train.ray_job import fit
 
     ray.init(include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="agc-exp-")

@@ -15,8 +15,8 @@ from _common import absolutize, connect_ray, parse, print_config  # also puts th
 
 from data_prep.storage import Store
 from pipeline.config import resolve
-from pipeline.finetune_data import prepare_data
-from pipeline.ray_job import fit, save_config
+from pipeline.finetune.prepare import prepare_data
+from pipeline.train.ray_job import fit, save_config
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from _common import absolutize, check_data, connect_ray, parse, print_config  # also puts the project on sys.path
 
 from pipeline.config import resolve
-from pipeline.ray_job import fit, save_config
+from pipeline.train.ray_job import fit, save_config
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import json
 from _common import connect_ray  # also puts the project on sys.path
 
 from pipeline.scaling.__main__ import summarize
-from pipeline.sweep import Sweep, run_sweep
-from pipeline.sweep_spec import load_spec
+from pipeline.sweep.runner import Sweep, run_sweep
+from pipeline.sweep.spec import load_spec
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
     >>> from models import create_model, list_models
     >>> m = create_model("nfnet_f1", width_mult=1/8, num_classes=10)
+
+Pure torch modules: imports nothing else of ours, so a model can be used outside this project.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import torch
 
 from .nfnet import NFBlock, NFNet
 from .variants import NFNetConfig, list_model_names, resolve_config
+
+MAY_IMPORT: tuple[str, ...] = ()
 
 __all__ = ["NFNet", "NFBlock", "NFNetConfig", "create_model", "list_models", "resolve_config"]
 

@@ -48,6 +48,7 @@ _ACT_FN = {
     "log_sigmoid": F.logsigmoid,
     "identity": lambda x: x,
 }
+_SCALE_IN_PLACE = frozenset({"gelu", "silu"})
 
 
 class GammaAct(nn.Module):
@@ -64,11 +65,13 @@ class GammaAct(nn.Module):
             y = F.gelu(x, approximate=self.gelu_approximate)
         else:
             y = _ACT_FN[self.name](x)
-        # In-place scaling is safe: no activation above needs its *output* for backward
-        # except sigmoid/tanh, which we exclude from the in-place path.
-        if self.name in ("sigmoid", "tanh"):
-            return y * self.gamma
-        return y.mul_(self.gamma)
+        # Scale in place only where the activation's backward reads its *input* and y is a new
+        # tensor: that saves one activation-sized allocation per block for the default GELU.
+        # relu, sigmoid and tanh save their output for backward (in place breaks autograd), and
+        # identity returns x itself (in place would scale the caller's tensor).
+        if self.name in _SCALE_IN_PLACE:
+            return y.mul_(self.gamma)
+        return y * self.gamma
 
     def extra_repr(self) -> str:
         return f"{self.name}, gamma={self.gamma:.6f}"

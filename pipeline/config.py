@@ -15,7 +15,23 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from .augment import AugmentConfig
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    train_res: int = 192
+    eval_res: int = 256
+    eval_crop: str = "squash"  # or "center"
+    # Eval resizes to S + eval_pad, then centre-crops S. DM's +32 keeps 86% of the side at 224 px;
+    # at 32 px it would keep only half of the image, so tiny presets use a proportional pad.
+    eval_pad: int = 32
+    random_resized_crop: bool = True
+    min_area: float = 0.08
+    hflip: bool = True
+    randaug_layers: int = 4  # 0: off
+    randaug_magnitude: int = 5
+    mixup_alpha: float = 0.2  # 0: off
+    cutmix_alpha: float = 1.0  # 0: off
+    label_smoothing: float = 0.1
 
 
 @dataclass
@@ -58,7 +74,7 @@ class OptimConfig:
     agc_clip: float = 0.01  # 0 disables AGC
     agc_eps: float = 1e-3
     ema_decay: float = 0.99999  # tf1_ema form: min(decay, (1+t)/(10+t)); 0 disables EMA
-    sam_rho: float = 0.0  # SAM radius (0: off); needs run.zero_stage=0 (pipeline/sam.py)
+    sam_rho: float = 0.0  # SAM radius (0: off); needs run.zero_stage=0 (pipeline/train/sam.py)
 
 
 @dataclass

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models import create_model
-from pipeline.agc import adaptive_grad_clip_, agc_pairs
-from pipeline.optim import build_sgd
+from pipeline.train.agc import adaptive_grad_clip_, agc_pairs
+from pipeline.train.optim import build_sgd
 
 
 def reference_agc(w: torch.Tensor, g: torch.Tensor, clip: float, eps: float = 1e-3) -> tuple[torch.Tensor, int]:
@@ -83,7 +83,7 @@ def test_classifier_weight_excluded_by_name_bias_clipped():
     assert not torch.equal(model.head.fc.bias.grad, fc_b)  # DM clips the FC bias
     assert model.head.fc.bias.grad.norm().item() <= 0.01 * max(model.head.fc.bias.norm().item(), 1e-3) * (1 + 1e-5)
     assert stats.clip_fraction > 0.5 and stats.max_ratio.item() > 0.01
-    from pipeline.agc import unitwise_norm
+    from pipeline.train.agc import unitwise_norm
 
     for name, p in model.named_parameters():  # afterwards no unit exceeds the limit
         if name != "head.fc.weight":

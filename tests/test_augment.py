@@ -1,4 +1,4 @@
-"""pipeline.augment fast paths give the same pixels as the plain torchvision route they replace."""
+"""pipeline.data.augment fast paths give the same pixels as the plain torchvision route they replace."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from pipeline.augment import AugmentConfig, TrainAugment, decode, stack_batch
+from pipeline.data.augment import AugmentConfig, TrainAugment, decode, stack_batch
 
 
 def _photo(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -51,7 +51,7 @@ def test_eval_decode_shrinks_by_dct_scale_but_never_below_target():
 
 
 def test_stack_batch_keeps_layout_and_normalize_makes_nchw():
-    from pipeline.augment import normalize
+    from pipeline.data.augment import normalize
 
     hwc = torch.randint(0, 256, (4, 10, 14, 3), dtype=torch.uint8)
     views = [h.permute(2, 0, 1)[:, 1:9, 2:12] for h in hwc] + [torch.randint(0, 256, (3, 8, 10), dtype=torch.uint8)]

@@ -33,7 +33,8 @@ def test_timm_dm_nfnet_f0_gives_same_logits():
     with torch.no_grad():
         expected, got = ref(x), ours(x)
     rel = ((expected - got).norm() / expected.norm()).item()
-    assert rel < 1e-4
+    # measured 3.6e-7 (fp32 rounding); a convention slip such as erf instead of tanh GELU gives 2.6e-4
+    assert rel < 1e-5
     assert expected.std().item() > 0.05  # the logits carry signal, not a near-zero output
 
 

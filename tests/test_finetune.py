@@ -20,9 +20,9 @@ from data_prep.sample_folders import GROUPS, write_groups
 from data_prep.sources import SourceError
 from data_prep.storage import Store
 from pipeline.config import resolve
-from pipeline.finetune_data import prepare_data
-from pipeline.finetune_init import InitError, check_classes, load_source
-from pipeline.sam import sam_ascend, sam_restore
+from pipeline.finetune.prepare import prepare_data
+from pipeline.finetune.sources import InitError, check_classes, load_source
+from pipeline.train.sam import sam_ascend, sam_restore
 
 GROUP_NAMES = sorted(set(GROUPS.values()))
 
@@ -140,7 +140,7 @@ def test_bad_init_sources_are_named(tmp_path):
     import dataclasses
 
     (export / "config.json").write_text(json.dumps({"name": "nfnet_pico", "arch": dataclasses.asdict(model.cfg)}))
-    from pipeline.finetune_init import build_model
+    from pipeline.finetune.sources import build_model
 
     with pytest.raises(InitError, match=r"missing tensors \['stem.conv2.weight'\]"):
         build_model(dataclasses.replace(cfg.model, init_from=str(export)), 4)
@@ -181,7 +181,7 @@ def pretrained(tmp_path_factory, ray_cluster, s3_server) -> dict:
 def _fit(cfg, ray_cluster):
     import ray
 
-    from pipeline.ray_job import fit
+    from pipeline.train.ray_job import fit
 
     if not ray.is_initialized():
         ray.init(address=ray_cluster["address"], log_to_driver=False)
@@ -267,8 +267,8 @@ def test_timm_converted_weights_evaluate_like_timm(groups, tmp_path, ray_cluster
     """timm's dm_nfnet_f0 (randomised, 4 classes) -> `python -m models.convert` -> eval-only; the loss
     equals timm's own forward on the same evaluation batches."""
     from models.convert import main as convert
-    from pipeline.augment import normalize
-    from pipeline.data import eval_loader
+    from pipeline.data.augment import normalize
+    from pipeline.data.loader import eval_loader
 
     from test_convert import _randomised_timm
 

@@ -49,7 +49,7 @@ def test_runtime_env_is_valid_and_its_excludes_keep_the_upload_small(tmp_path):
     create_package(str(copy), pkg, include_gitignore=False, excludes=env["excludes"])
     names = zipfile.ZipFile(pkg).namelist()
     assert pkg.stat().st_size < 5 * 2**20, f"{pkg.stat().st_size / 2**20:.1f} MiB"
-    for needed in ("launch/pretrain_f7.py", "pipeline/trainer.py", "models/variants.py", "data_prep/pack.py", "configs/sweeps/demo.yaml"):
+    for needed in ("launch/pretrain_f7.py", "pipeline/train/run.py", "models/variants.py", "data_prep/pack.py", "configs/sweeps/demo.yaml"):
         assert needed in names
     assert not [n for n in names if n.startswith(("data/", "runs/", ".venv/", ".git/", "checkpoints/"))]
 
@@ -122,7 +122,7 @@ def test_kuberay_manifests_run_our_launcher_with_our_image():
 
 @pytest.mark.parametrize("spec", sorted(p.name for p in (REPO / "configs" / "sweeps").glob("*.yaml")))
 def test_sweep_specs_resolve_every_point(spec):
-    from pipeline.sweep_spec import finetune_config, load_spec, point_config, points
+    from pipeline.sweep.spec import finetune_config, load_spec, point_config, points
 
     s = load_spec(str(REPO / "configs" / "sweeps" / spec))
     pts = points(s)
@@ -137,7 +137,7 @@ def test_sweep_specs_resolve_every_point(spec):
 
 
 def test_sweep_spec_errors_name_the_field(tmp_path):
-    from pipeline.sweep_spec import load_spec
+    from pipeline.sweep.spec import load_spec
 
     p = tmp_path / "s.yaml"
     p.write_text("name: x\nmodels: [nfnet_pico]\nbudgets: [{epochs: 1, samples: 10}]\n")

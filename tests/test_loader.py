@@ -11,8 +11,8 @@ import torch
 
 from data_prep.manifest import ManifestError
 from data_prep.pack import PackOptions, pack
-from pipeline.augment import AugmentConfig, TrainAugment
-from pipeline.data import EvalStream, Layout, TrainStream, eval_loader, train_loader
+from pipeline.data.augment import AugmentConfig, TrainAugment
+from pipeline.data.loader import EvalStream, Layout, TrainStream, eval_loader, train_loader
 
 AUG = AugmentConfig(train_res=16, eval_res=16, randaug_layers=1)
 
@@ -163,7 +163,7 @@ def test_s3_reading_through_moto(packed, s3_server, s3_bucket):
 
 
 def test_normalize_on_device_matches_imagenet_stats():
-    from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     x = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
     out = normalize(x)
@@ -177,7 +177,7 @@ def test_indexed_reads_equal_streamed_reads(packed):
     import dataclasses
 
     from data_prep.manifest import load_manifest, shards_of
-    from pipeline.data import _ShardReader
+    from pipeline.data.loader import _ShardReader
 
     shards = shards_of(load_manifest(packed), "train")
     assert all(s.offsets is not None and len(s.offsets) == s.samples + 1 for s in shards)

@@ -11,7 +11,7 @@ from torch import nn
 
 from models import create_model, list_models, resolve_config
 from models.flops import forward_macs, train_flops_per_image
-from models.layers import WSConv2d, same_pad_amount, stochastic_depth
+from models.layers import _ACT_FN, ACT_GAMMA, GammaAct, WSConv2d, same_pad_amount, stochastic_depth
 
 PARAMS = {0: 71_489_284, 1: 132_634_256, 2: 193_779_228, 3: 254_924_200,
           4: 316_069_172, 5: 377_214_144, 6: 438_359_116, 7: 499_504_088}  # fmt: skip
@@ -186,6 +186,29 @@ def test_forward_backward_shapes_and_head_api():
     assert model(x).shape == (2, 5) and model.head.fc.weight.abs().max().item() == 0.0
     # skip gains start at 0, so every block is an identity at init
     assert all(b.skip_gain.item() == 0.0 for b in model.blocks())
+
+
+@pytest.mark.parametrize("name", sorted(ACT_GAMMA))
+def test_every_activation_trains(name):
+    """Each activation the config accepts: a whole model runs backward (relu once failed, its output
+    scaled in place), and GammaAct equals gamma * act(x) in value and gradient without touching x."""
+    torch.manual_seed(0)
+    model = create_model("nfnet_pico", num_classes=10, activation=name)
+    model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.stem.conv1.weight.grad.abs().sum() > 0  # the gradient reaches the first conv
+    x = torch.randn(64, requires_grad=True)
+    x0 = x.detach().clone()
+    y = GammaAct(name)(x)
+    ref_fn = (lambda t: F.gelu(t, approximate="tanh")) if name == "gelu" else _ACT_FN[name]
+    xr = x0.clone().requires_grad_()
+    ref = ref_fn(xr) * ACT_GAMMA[name]
+    w = torch.randn(64)
+    (y * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.equal(x.detach(), x0)
+    torch.testing.assert_close(y.detach(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_parameter_groups_by_name():

@@ -156,7 +156,7 @@ def test_mini_sweep_end_to_end_with_divergence_retry_finetuning_and_resume(tmp_p
 
     from data_prep.pack import PackOptions, pack
     from data_prep.sample_folders import write_groups
-    from pipeline.sweep_spec import load_spec
+    from pipeline.sweep.spec import load_spec
 
     from conftest import REPO
 
@@ -228,9 +228,9 @@ def test_sweep_resume_decisions_without_training(tmp_path):
     import yaml
 
     from data_prep.pack import PackOptions, pack
-    from pipeline.ray_job import save_config
-    from pipeline.sweep import Sweep
-    from pipeline.sweep_spec import load_spec
+    from pipeline.train.ray_job import save_config
+    from pipeline.sweep.runner import Sweep
+    from pipeline.sweep.spec import load_spec
 
     data = tmp_path / "fm"
     pack("fashion-mnist", str(data), PackOptions(samples_per_shard=100, limit_per_split=200, heldout_fraction=0.1), progress=False)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from data_prep.pack import PackOptions, pack
 from pipeline.config import PRESETS, TrainConfig, apply_overrides, resolve
-from pipeline.trainer import lr_at
+from pipeline.train.step import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def tiny_cfg(data: str, storage: str, name: str, **sets) -> TrainConfig:
 def run_fit(cfg: TrainConfig, address: str):
     import ray
 
-    from pipeline.ray_job import fit
+    from pipeline.train.ray_job import fit
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)

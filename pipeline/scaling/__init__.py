@@ -1,4 +1,12 @@
-"""Scaling laws from a sweep's results table: `python -m pipeline.scaling fit RESULTS`."""
+"""Scaling laws from a sweep's results table: `python -m pipeline.scaling fit RESULTS`.
+
+Reads the table (table.py), fits the laws (laws.py, analysis.py) and writes the report (report.py).
+Never imports torch training code, models or the trainer: a table from any source can be fitted.
+"""
+
+MAY_IMPORT = ("data_prep.storage",)
+NEVER_IMPORT = ("deepspeed", "ray", "torch.nn", "torch.distributed")
+
 
 from .analysis import analyze, cells
 from .fit import fit_table

@@ -1,5 +1,6 @@
 """One training run inside a Ray Train worker, built in dependency order:
 device -> manifest -> model -> optimizer -> DeepSpeed engine -> EMA -> resume -> loaders -> loop.
+`train_loop_per_worker` at the bottom is the function Ray Train starts in every worker.
 """
 
 from __future__ import annotations
@@ -15,24 +16,15 @@ import torch
 
 from data_prep.manifest import load_manifest
 from data_prep.storage import Store
+from pipeline.config import TrainConfig
+from pipeline.data.augment import normalize
+from pipeline.data.loader import Layout, eval_loader, train_loader
+from pipeline.finetune.sources import build_model, check_classes, load_source, model_from_source
 
-from .augment import normalize
-from .config import TrainConfig
-from .data import Layout, eval_loader, train_loader
-from .finetune_init import build_model, check_classes, load_source, model_from_source
+from .checkpoint import gather_state, read_checkpoint, restore_state, write_checkpoint, write_export
+from .evaluate import evaluate
 from .sam import sam_ascend, sam_restore
-from .state import gather_state, read_checkpoint, restore_state, write_checkpoint, write_export
-from .trainer import (
-    GPU_PEAK_BF16,
-    SkippableSGD,
-    agc_at_boundary,
-    deepspeed_config,
-    evaluate,
-    lr_at,
-    make_ema,
-    seed_for,
-    soft_cross_entropy,
-)
+from .step import GPU_PEAK_BF16, SkippableSGD, agc_at_boundary, deepspeed_config, lr_at, make_ema, seed_for, soft_cross_entropy
 
 log = logging.getLogger("nfnet.train")
 
@@ -370,3 +362,7 @@ class TrainRun:
         log.warning("export written to %s", dest)
         print(json.dumps({"export": dest, **summary}))
 
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point; `config` is {"train": TrainConfig.to_dict()}."""
+    TrainRun(TrainConfig.from_dict(config["train"])).run()

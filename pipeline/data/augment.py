@@ -20,8 +20,6 @@ for some ops and is capped at 10 here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import simplejpeg
 import torch
@@ -30,26 +28,10 @@ from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import InterpolationMode, v2
 
+from pipeline.config import AugmentConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    train_res: int = 192
-    eval_res: int = 256
-    eval_crop: str = "squash"  # or "center"
-    # Eval resizes to S + eval_pad, then centre-crops S. DM's +32 keeps 86% of the side at 224 px;
-    # at 32 px it would keep only half of the image, so tiny presets use a proportional pad.
-    eval_pad: int = 32
-    random_resized_crop: bool = True
-    min_area: float = 0.08
-    hflip: bool = True
-    randaug_layers: int = 4  # 0: off
-    randaug_magnitude: int = 5
-    mixup_alpha: float = 0.2  # 0: off
-    cutmix_alpha: float = 1.0  # 0: off
-    label_smoothing: float = 0.1
 
 
 def stack_batch(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The training loop that runs in every Ray Train worker: DeepSpeed data parallelism, AGC, EMA.
+"""The pieces of one optimizer step that TrainRun (run.py) puts together: lr schedule, loss, AGC at the
+accumulation boundary, the skippable SGD, EMA, the DeepSpeed config, per-step seeds.
 
 One optimizer step (global batch G = B x A x W):
     for a in 0..A-1:  loss = CE(model(x_a), soft targets); engine.backward(loss); [boundary:] AGC; engine.step()
@@ -20,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
+from pipeline.config import TrainConfig
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -66,28 +67,6 @@ def make_ema(module: torch.nn.Module, decay: float):
     return ema
 
 
-@torch.no_grad()
-def evaluate(module: torch.nn.Module, loader, device) -> dict:
-    """Exact held-out loss/top-1: masked sums all-reduced over ranks."""
-    from .augment import normalize
-
-    was_training = module.training
-    module.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    for batch in loader:
-        x, y, m = normalize(batch["image"].to(device)), batch["label"].to(device), batch["mask"].to(device)
-        logits = module(x).float()  # (B, C)
-        ce = F.cross_entropy(logits, y, reduction="none")
-        top5 = (logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]).any(-1)  # (B,)
-        sums += torch.stack([(ce * m).sum(), ((logits.argmax(-1) == y).float() * m).sum(), (top5.float() * m).sum(),
-                             m.sum(), torch.tensor(float(batch["bad"]), device=device)]).double()  # fmt: skip
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    module.train(was_training)
-    loss, correct, correct5, n, bad = sums.tolist()
-    return {"loss": loss / max(n, 1), "top1": correct / max(n, 1), "top5": correct5 / max(n, 1), "samples": int(n), "bad": int(bad)}
-
-
 def agc_at_boundary(module: torch.nn.Module, exclude: set[str], clip: float, eps: float, zero_stage: int):
     """AGC on the full, globally averaged gradient; returns AGCStats."""
     from .agc import adaptive_grad_clip_
@@ -120,13 +99,6 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; `config` is {"train": TrainConfig.to_dict()}."""
-    from .train_run import TrainRun
-
-    TrainRun(TrainConfig.from_dict(config["train"])).run()
 
 
 def seed_for(*parts: int) -> int:

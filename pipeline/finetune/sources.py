@@ -22,7 +22,7 @@ from data_prep.storage import Store
 from models import NFNet, create_model
 from models.variants import NFNetConfig
 
-from .config import ModelConfig
+from pipeline.config import ModelConfig
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")

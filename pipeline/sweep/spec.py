@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .config import TrainConfig, resolve
+from pipeline.config import TrainConfig, resolve
 
 BUDGET_KINDS = ("epochs", "samples", "train_flops")
 

@@ -16,8 +16,9 @@ from data_prep.images import ImageOptions
 from data_prep.manifest import load_manifest
 from data_prep.pack import PackOptions, pack
 
-from .config import TrainConfig
-from .finetune_init import check_classes, source_classes
+from pipeline.config import TrainConfig
+
+from .sources import check_classes, source_classes
 
 
 def declared_classes(spec: str) -> list[str]:

@@ -7,7 +7,7 @@ import os
 
 from data_prep.storage import Store, s3_endpoint, split_s3
 
-from .config import TrainConfig, validate
+from pipeline.config import TrainConfig, validate
 
 
 def storage_args(storage: str, endpoint: str | None) -> dict:
@@ -39,7 +39,7 @@ def fit(cfg: TrainConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .trainer import train_loop_per_worker
+    from .run import train_loop_per_worker
 
     validate(cfg)  # batch identity, mode, SAM x ZeRO: before any worker starts
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}

@@ -19,16 +19,17 @@ import traceback
 from data_prep.manifest import load_manifest
 from data_prep.storage import Store
 
-from .config import TrainConfig
-from .scaling.analysis import cells as best_cells
-from .scaling.laws import frontier
-from .scaling.table import read_table, write_table
-from .sweep_spec import Point, SweepSpec, config_hash, finetune_config, point_config, points
+from pipeline.config import TrainConfig
+from pipeline.scaling.analysis import cells as best_cells
+from pipeline.scaling.laws import frontier
+from pipeline.scaling.table import read_table, write_table
+
+from .spec import Point, SweepSpec, config_hash, finetune_config, point_config, points
 
 
 def _run_task(cfg_dict: dict) -> str | None:
     """In a Ray task: train one run to completion. None on success, else the error (last 2000 chars)."""
-    from .ray_job import fit, save_config
+    from pipeline.train.ray_job import fit, save_config
 
     cfg = TrainConfig.from_dict(cfg_dict)
     try:
@@ -219,7 +220,7 @@ class Sweep:
         return [c.point for c in cs]
 
     def finetune(self) -> None:
-        from .finetune_data import prepare_data
+        from pipeline.finetune.prepare import prepare_data
 
         if not self.spec.finetune.preset:
             return
@@ -266,7 +267,7 @@ def run_sweep(spec: SweepSpec, *, retry_failed: bool = False, fit: bool = True, 
     sw.finetune()
     out = {"table": spec.table, "rows": list(sw.rows.values())}
     if fit:
-        from .scaling.fit import fit_table
+        from pipeline.scaling.fit import fit_table
 
         out["result"], out["report"] = fit_table(spec.table, f"{spec.root}/report", draws=spec.bootstrap, endpoint=sw.endpoint,
                                                  title=f"Scaling sweep {spec.name}")  # fmt: skip
