@@ -138,6 +138,12 @@ class WSConv2d(nn.Conv2d):
         if self.eps_mode == "add":
             # (W - mean) / sqrt(N * (var + eps)) * gain is batch-norm over each row: one fused kernel.
             w_hat = F.batch_norm(w, None, None, gain / math.sqrt(self.fan_in), None, True, 0.0, self.eps)
+        elif torch.compiler.is_compiling():
+            # Under torch.compile the plain formula, which inductor fuses into one kernel: the eager
+            # fast path below calls native_batch_norm with None arguments, which dynamo cannot trace
+            # (a graph break at every conv: 54 graphs for nfnet_pico instead of 1).
+            var, mean = torch.var_mean(w, dim=-1, keepdim=True, correction=0)
+            w_hat = (w - mean) * torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps)) * gain[None, :, None]
         else:
             w_hat = _FlooredStandardize.apply(w, gain, self.fan_in, self.eps)
         return w_hat.reshape_as(self.weight).to(self.weight.dtype)

@@ -43,14 +43,40 @@ def tiny_cfg(data: str, storage: str, name: str, **sets) -> TrainConfig:
     return resolve("demo", tiny_sets(data, storage, name, **sets))
 
 
-def run_fit(cfg: TrainConfig, address: str):
+def run_fit(cfg: TrainConfig, address: str, train_loop=None):
     import ray
 
     from pipeline.train.ray_job import fit
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
-    return fit(cfg)
+    return fit(cfg, train_loop)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def kill_a_worker_after_checkpoints(run_dir: Path, n: int, killed: list) -> threading.Thread:
+    """SIGKILL one RayTrainWorker once `n` checkpoints are on disk. With n >= 3 the first is surely
+    registered with Ray Train (a worker's report queue holds one report, so the third cannot be
+    written before the controller took the second, and with it the first)."""
+    import psutil
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if len(list(run_dir.glob("checkpoint_*/trainer.json"))) >= n:
+                for proc in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        break
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    return t
 
 
 def export_weights(storage: str, name: str) -> dict[str, torch.Tensor]:
@@ -95,6 +121,118 @@ def test_lr_warmup_then_cosine():
     assert lrs[30] == pytest.approx(0.4 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
 
 
+def test_precision_and_zero_stage_are_enums_checked_before_any_worker():
+    """fp16 once trained silently in fp32, ZeRO-3 broke the EMA and the checkpoint only inside workers."""
+    for sets, msg in ((["run.precision=fp16"], r"run.precision must be one of \['auto', 'fp32', 'bf16'\], got 'fp16'"),
+                      (["run.zero_stage=3"], r"run.zero_stage must be one of \[0, 1, 2\], got 3")):  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            resolve("demo", sets)
+    d = resolve("demo").to_dict()
+    d["run"]["zero_stage"] = 3  # a hand-edited config.json: the same check
+    with pytest.raises(ValueError, match="run.zero_stage must be one of"):
+        TrainConfig.from_dict(d)
+    cfg = resolve("demo", ["run.precision=bf16", "run.zero_stage=2"])
+    assert (cfg.run.precision, cfg.run.zero_stage) == ("bf16", 2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).run.zero_stage == 2
+
+
+def test_mfu_peak_matches_whole_gpu_names():
+    from pipeline.train.step import peak_bf16_flops
+
+    assert peak_bf16_flops("NVIDIA L40S") == 362e12  # once matched "L4" inside "L40S"
+    assert peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("NVIDIA A10") == 125e12
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA GeForce RTX 3090") == 0.0
+
+
+def test_collective_watch_flags_a_tensor_built_without_a_device(tmp_path):
+    """The check the bf16 run relies on can fail: the trainer's old flag, torch.tensor([...]) with no
+    device, is reported; the same value derived from a device tensor is not."""
+    import torch.distributed as dist
+
+    from collective_watch import CollectiveWatch
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        probe = {"__name__": "pipeline._probe"}
+        exec(compile("import torch\n"
+                     "def old(losses):\n    torch.distributed.all_reduce(torch.tensor([float(torch.isfinite(losses).all())]))\n"
+                     "def new(losses):\n    torch.distributed.all_reduce(torch.isfinite(losses).all().float().reshape(1))\n",
+                     "probe", "exec"), probe)  # fmt: skip
+        losses = torch.ones(3, device="cpu")
+        with CollectiveWatch("cpu") as w:
+            probe["old"](losses)
+            probe["new"](losses)
+        assert len(w.bad) == 1 and "pipeline._probe:3 all_reduce" in w.bad[0] and "built without a device" in w.bad[0]
+        assert w.checked == ["pipeline._probe:5 all_reduce"]
+        with CollectiveWatch("meta") as w:  # a tensor on another device than the engine's
+            probe["new"](losses)
+        assert "on cpu" in w.bad[0]
+    finally:
+        dist.destroy_process_group()
+
+
+def _no_randomness_model(**kw):
+    from models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("nfnet_pico", num_classes=10, depth_mult=0.25, stochdepth_rate=0.0, drop_rate=0.0, **kw)
+    with torch.no_grad():  # skip gains off zero, so the residual branches count
+        for n, p in m.named_parameters():
+            if n.endswith("skip_gain"):
+                p.fill_(0.5)
+    return m
+
+
+def _loss_and_grads(model, x):
+    loss = model(x).square().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_channels_last_equals_nchw():
+    """run.channels_last keeps the normalised batch NHWC; fp32 loss and gradients equal NCHW's to fp32
+    rounding: measured 1.2e-7 (loss) and 4.6e-7 (worst gradient tensor, relative norm); tolerance 1e-5."""
+    import copy
+
+    from pipeline.data.augment import normalize
+
+    model = _no_randomness_model()
+    twin = copy.deepcopy(model)
+    raw = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    x_cl = normalize(raw, torch.channels_last)
+    assert x_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(x_cl, normalize(raw))
+    l1, g1 = _loss_and_grads(model, normalize(raw))
+    l2, g2 = _loss_and_grads(twin, x_cl)
+    assert abs(l2 - l1) / l1 < 1e-5
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(g2, g1)) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_model_equals_eager():
+    """run.compile (torch.compile, what engine.compile() calls): NFNet traces as one graph (Scaled WS's
+    eager fast path once broke it at every conv: 54 graphs), and inductor's code gives fp32 outputs and
+    gradients equal to eager. Inductor compiles one transition block here (~50 s on 2 cores; the whole
+    model takes ~2.5 min): measured 1.4e-7 (output) and 9.4e-7 (worst gradient tensor, relative norm);
+    tolerance 1e-5. The whole compiled model agreed to 9.4e-7 / 4e-6 when measured once."""
+    import copy
+
+    model = _no_randomness_model()
+    explained = torch._dynamo.explain(copy.deepcopy(model))(torch.randn(2, 3, 16, 16))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons[:2]
+    block = model.stages[1][0]  # stride 2, shortcut conv, SE, every op kind of the network
+    assert block.is_transition
+    compiled = copy.deepcopy(block)
+    compiled.compile()
+    x = torch.randn(4, block.conv1.in_channels, 8, 8)
+    l1, g1 = _loss_and_grads(block, x)
+    l2, g2 = _loss_and_grads(compiled, x)
+    assert abs(l2 - l1) / l1 < 1e-5
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(g2, g1)) < 1e-5
+
+
 # ---- distributed training ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_workers_equal_one_worker_with_accumulation_at_each_zero_stage(tiny_data, tmp_path, ray_cluster):
@@ -125,29 +263,11 @@ def load_init(data: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_sigkill_of_a_worker_and_resubmission_recover_to_the_same_result(tiny_data, tmp_path, ray_cluster):
-    import psutil
-
     storage = str(tmp_path)
     sets = {"schedule.samples": 64 * 16, "schedule.ckpt_every": 3, "run.max_failures": 2}
     run_fit(tiny_cfg(tiny_data, storage, "clean", **sets), ray_cluster["address"])
     killed = []
-
-    def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            # Three checkpoints on disk: the first is surely registered with Ray Train (a worker's
-            # report queue holds one report, so the third cannot be written before the controller
-            # took the second, and with it the first).
-            if len(list((tmp_path / "crash").glob("checkpoint_*/trainer.json"))) >= 3:
-                for proc in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        break
-            time.sleep(0.02)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
+    t = kill_a_worker_after_checkpoints(tmp_path / "crash", 3, killed)
     run_fit(tiny_cfg(tiny_data, storage, "crash", **sets), ray_cluster["address"])
     t.join(timeout=5)
     assert killed, "no training worker was killed"
@@ -195,6 +315,52 @@ def test_sigkill_of_a_worker_and_resubmission_recover_to_the_same_result(tiny_da
     assert resub["resumes"] == 1 and resub["steps"] == 16
     weights = export_weights(storage, "resub")
     assert max((clean[k] - weights[k]).abs().max().item() for k in clean) < 1e-5
+
+
+# ---- bf16 (docs/precision.md) ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_bf16_at_each_zero_stage_equals_one_worker_through_sigkills_with_collectives_on_the_device(tiny_data, tmp_path, ray_cluster):
+    """run.precision=bf16 at ZeRO 0, 1 and 2: 2 workers x 2 micro-steps against 1 worker x 4 (same
+    global batch and seed), AGC, EMA, held-out evaluation at steps 6 and 12 (bf16 weights once crashed
+    it). At ZeRO 0 and 2 a training worker is SIGKILLed after its third checkpoint and the run resumes
+    (bf16 at ZeRO-0 once resumed into stale fp32 master weights and put the initial weights back).
+
+    Tolerance 1e-5, as fp32: bf16 is autocast on fp32 weights, so gradients are accumulated and
+    all-reduced in fp32 and the runs differ only in the order of fp32 sums; measured 3.0e-8 max
+    weight difference against the 1-worker run, and 0 between a killed and an uninterrupted run
+    (a resumed run recomputes the same bf16 math). Every collective our code issues in the workers
+    gets a tensor on the engine's device, not one built without a device."""
+    import ray.cloudpickle
+
+    import collective_watch
+
+    ray.cloudpickle.register_pickle_by_value(collective_watch)
+    storage = str(tmp_path)
+    sets = {"run.precision": "bf16", "schedule.samples": 64 * 12, "schedule.ckpt_every": 3, "schedule.eval_every": 6,
+            "run.max_failures": 2}  # fmt: skip
+    run_fit(tiny_cfg(tiny_data, storage, "ref", **{**sets, "run.num_workers": 1}), ray_cluster["address"])
+    ref = export_weights(storage, "ref")
+    ref_s = json.loads((tmp_path / "ref" / "export" / "summary.json").read_text())
+    assert max_diff(load_init(tiny_data), ref) > 1e-3 and ref_s["steps"] == 12  # it trained
+    for stage in (0, 1, 2):
+        name, watch, killed = f"bf16-zero{stage}", tmp_path / f"watch-{stage}", []
+        watch.mkdir()
+        t = kill_a_worker_after_checkpoints(tmp_path / name, 3, killed) if stage != 1 else None
+        run_fit(tiny_cfg(tiny_data, storage, name, **{**sets, "run.zero_stage": stage}), ray_cluster["address"],
+                collective_watch.watched_loop(str(watch)))  # fmt: skip
+        summary = json.loads((tmp_path / name / "export" / "summary.json").read_text())
+        if t is not None:
+            t.join(timeout=5)
+            assert killed and summary["resumes"] >= 1, stage
+        assert summary["steps"] == 12 and max_diff(ref, export_weights(storage, name)) < 1e-5, stage
+        assert summary["heldout_raw_loss"] == pytest.approx(ref_s["heldout_raw_loss"], abs=1e-5)
+        assert summary["heldout_ema_loss"] == pytest.approx(ref_s["heldout_ema_loss"], abs=1e-5)
+        for rank in (0, 1):  # written by the last (resumed) attempt
+            seen = json.loads((watch / f"collectives-{rank}.json").read_text())
+            assert not seen["bad"], seen["bad"]
+            # the boundary's finiteness flag and the step's loss/bad-sample flags every step; evaluation's sums
+            assert sum("pipeline.train.run" in c for c in seen["checked"]) >= 2 * (12 - 9 if t else 12), seen["checked"][:5]
+            assert any("pipeline.train.evaluate" in c for c in seen["checked"])
 
 
 @pytest.mark.slow
@@ -249,3 +415,24 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(tiny_data, tm
     # results.json says so: a sweep records the run as diverged (not failed, not retried).
     res = json.loads((tmp_path / "nan" / "results.json").read_text())
     assert res["status"] == "diverged" and "non-finite" in res["reason"] and res["training"]["skipped_steps"] >= 2
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_the_whole_script_on_cpu(tmp_path, ray_cluster):
+    """bench/gpu_check.sh --dry-run: every section of the GPU script on CPU with a tiny model, through
+    the same launcher and SIGKILL recovery, and its table."""
+    import subprocess
+
+    out = tmp_path / "check.json"
+    env = dict(ray_cluster["env"], RAY_ADDRESS=ray_cluster["address"])
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--json", str(out)], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["speed"]) == {"eager NCHW", "eager channels_last", "compiled NCHW", "compiled channels_last"}
+    assert all(v["img_s"] > 0 and v["mfu"] is None for v in res["speed"].values())  # no peak known for a CPU
+    assert all(v < 1e-5 for v in res["zero"].values()), res["zero"]
+    p = res["pretrain"]
+    assert p["killed"] == 1 and p["resumes"] >= 1 and p["steps"] == 12 and math.isfinite(p["heldout_raw_loss"])
+    assert "| launch/pretrain_f7.py, 12 steps, SIGKILL after 3 checkpoints | steps 12, resumes " in r.stdout

@@ -185,10 +185,11 @@ class EvalTransform:
         return self.tf(img)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 batch (B, 3, H, W) from the loader -> float32 ImageNet-normalised, on x's device.
+def normalize(x: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 batch (B, 3, H, W) from the loader -> float32 ImageNet-normalised, on x's device, in
+    `memory_format` (loader batches may be channels-last; run.channels_last keeps them so).
 
     The loader ships uint8 (4x less inter-process and host-to-device traffic than float32)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return ((x.float() - mean) / std).contiguous()  # loader batches may be channels-last
+    return ((x.float() - mean) / std).contiguous(memory_format=memory_format)

@@ -10,14 +10,17 @@ from pipeline.data.augment import normalize
 
 
 @torch.no_grad()
-def evaluate(module: torch.nn.Module, loader, device) -> dict:
-    """Exact held-out loss/top-1: masked sums all-reduced over ranks."""
+def evaluate(module: torch.nn.Module, loader, device, amp_dtype: torch.dtype | None = None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict:  # fmt: skip
+    """Exact held-out loss/top-1: masked sums all-reduced over ranks. Under the training's autocast
+    (bf16 math on fp32 weights), so evaluation sees the numerics that training optimised."""
     was_training = module.training
     module.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     for batch in loader:
-        x, y, m = normalize(batch["image"].to(device)), batch["label"].to(device), batch["mask"].to(device)
-        logits = module(x).float()  # (B, C)
+        x, y, m = normalize(batch["image"].to(device), memory_format), batch["label"].to(device), batch["mask"].to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = module(x).float()  # (B, C)
         ce = F.cross_entropy(logits, y, reduction="none")
         top5 = (logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[:, None]).any(-1)  # (B,)
         sums += torch.stack([(ce * m).sum(), ((logits.argmax(-1) == y).float() * m).sum(), (top5.float() * m).sum(),

@@ -34,8 +34,10 @@ def save_config(cfg: TrainConfig) -> str:
     return store.url("config.json")
 
 
-def fit(cfg: TrainConfig):
-    """Run training to completion; a run with the same (storage, name) resumes from its latest checkpoint."""
+def fit(cfg: TrainConfig, train_loop=None):
+    """Run training to completion; a run with the same (storage, name) resumes from its latest checkpoint.
+    `train_loop` replaces the function every worker runs (default: run.train_loop_per_worker); tests
+    wrap it to watch the workers' collectives."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -44,7 +46,7 @@ def fit(cfg: TrainConfig):
     validate(cfg)  # batch identity, mode, SAM x ZeRO: before any worker starts
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config={"train": cfg.to_dict()},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, placement_strategy=cfg.run.placement,

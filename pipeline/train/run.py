@@ -24,7 +24,7 @@ from pipeline.finetune.sources import build_model, check_classes, load_source, m
 from .checkpoint import gather_state, read_checkpoint, restore_state, write_checkpoint, write_export
 from .evaluate import evaluate
 from .sam import sam_ascend, sam_restore
-from .step import GPU_PEAK_BF16, SkippableSGD, agc_at_boundary, deepspeed_config, lr_at, make_ema, seed_for, soft_cross_entropy
+from .step import SkippableSGD, agc_at_boundary, deepspeed_config, lr_at, make_ema, peak_bf16_flops, seed_for, soft_cross_entropy
 
 log = logging.getLogger("nfnet.train")
 
@@ -51,7 +51,11 @@ class TrainRun:
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
-        self.bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and gpu)
+        # bf16 is autocast around the forward pass: weights, gradients, their all-reduce, AGC, SGD and
+        # EMA stay fp32 (docs/precision.md).
+        bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and gpu)
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+        self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.manifest = load_manifest(cfg.data.root, self.endpoint)
         self.classes = self.manifest["classes"]
 
@@ -70,12 +74,14 @@ class TrainRun:
             self.flops_per_image *= 2
         self.opt = SkippableSGD(self.model.param_groups(cfg.optim.weight_decay), lr=cfg.peak_lr,
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)  # fmt: skip
-        self.opt.skip = True  # bf16 at ZeRO-0 steps the optimizer once at init with zero grads
+        self.opt.skip = True  # ZeRO-1/2 step the optimizer once at init to create its state: not an update
         self.engine, _, _, _ = deepspeed.initialize(model=self.model.to(self.device), optimizer=self.opt,
-                                                    config=deepspeed_config(cfg, self.bf16), dist_init_required=False)  # fmt: skip
+                                                    config=deepspeed_config(cfg), dist_init_required=False)  # fmt: skip
         self.opt.skip = False
         self.module = self.engine.module
         self.ema = make_ema(self.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        if cfg.run.compile:  # after the EMA copy, which stays eager; compiles in place (names unchanged)
+            self.engine.compile()
         self.counters = {"step": 0, "samples_seen": 0, "train_flops": 0.0, "bad_samples": 0, "skipped_steps": 0,
                          "wall_time_s": 0.0, "ema_updates": 0, "resumes": 0}  # fmt: skip
 
@@ -135,7 +141,9 @@ class TrainRun:
                 self.engine.step()
             skipped = self.opt.skip
             self.opt.skip = False
-            flags = torch.tensor([torch.stack(losses).mean().item(), float(bad_samples)], dtype=torch.float64)
+            # on the engine's device: NCCL has no CPU tensors
+            bad = torch.tensor(float(bad_samples), dtype=torch.float64, device=self.device)
+            flags = torch.stack([torch.stack(losses).mean().double(), bad])
             torch.distributed.all_reduce(flags)
             mean_loss = flags[0].item() / self.world
             c = self.counters
@@ -201,9 +209,9 @@ class TrainRun:
 
         def loss_fn(module, a: int, batch: dict) -> torch.Tensor:
             torch.manual_seed(seed_for(cfg.run.seed, step, self.rank * self.A + a))
-            x = normalize(batch["image"].to(self.device, non_blocking=True))
+            x = normalize(batch["image"].to(self.device, non_blocking=True), self.memory_format)
             y = batch["target"].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype is not None):
                 logits = module(x)
             return soft_cross_entropy(logits, y)
 
@@ -213,7 +221,7 @@ class TrainRun:
         """At the accumulation boundary: agree on finiteness across ranks, then AGC."""
         from .agc import AGCStats
 
-        finite = torch.tensor([float(torch.isfinite(losses).all())])
+        finite = torch.isfinite(losses).all().float().reshape(1)  # on the engine's device, like every collective
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1:
             self.opt.skip = True
@@ -235,7 +243,7 @@ class TrainRun:
         for tag, module in (("raw", self.module), ("ema", self.ema.module if self.ema is not None else None)):
             if module is None:
                 continue
-            r = evaluate(module, dl, self.device)
+            r = evaluate(module, dl, self.device, self.amp_dtype, self.memory_format)
             for k in ("loss", "top1", "top5"):
                 out[f"heldout_{tag}_{k}"] = r[k]
                 if self.writer is not None:
@@ -259,7 +267,7 @@ class TrainRun:
             if tag == "ema" and src.ema is None:
                 continue
             model = model_from_source(src, tag, cfg.model.overrides if src.kind != "timm" else {}).to(self.device)
-            r = evaluate(model, dl, self.device)
+            r = evaluate(model, dl, self.device, self.amp_dtype, self.memory_format)
             out[tag] = {k: r[k] for k in ("top1", "top5", "loss")}
             out.update(samples=r["samples"], bad_samples=r["bad"])
         self._write_results({**out, "pretraining": src.summary})
@@ -314,8 +322,7 @@ class TrainRun:
         w.add_scalar("data/bad_samples", c["bad_samples"], step)
         peak = self.cfg.run.device_peak_flops
         if not peak and self.device.type == "cuda":
-            name = torch.cuda.get_device_name(self.device)
-            peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 0.0)
+            peak = peak_bf16_flops(torch.cuda.get_device_name(self.device))
         if peak:
             w.add_scalar("perf/mfu", ips * self.flops_per_image / (peak * self.world), step)
 

@@ -17,13 +17,22 @@ but the same global and micro batch, computes exactly the same thing.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
 
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets, without sparsity), for MFU.
+GPU_PEAK_BF16 = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12,
+                 "L4": 121e12, "A10": 125e12}  # fmt: skip
+
+
+def peak_bf16_flops(device_name: str) -> float:
+    """The peak of the GPU that `torch.cuda.get_device_name` names; 0 when unknown. Whole-word match,
+    so "NVIDIA L40S" is not an L4 and "NVIDIA A100-SXM4-80GB" is not an A10."""
+    return next((v for k, v in GPU_PEAK_BF16.items() if re.search(rf"\b{k}\b", device_name)), 0.0)
 
 
 class SkippableSGD(torch.optim.SGD):
@@ -87,7 +96,10 @@ def agc_at_boundary(module: torch.nn.Module, exclude: set[str], clip: float, eps
     return stats
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """DeepSpeed always sees an fp32 model: its bf16 mode would keep bf16 weights with fp32 masters
+    that our checkpoints and EMA do not see, and accumulate and all-reduce gradients in bf16. The
+    bf16 precision is autocast around the forward pass instead (docs/precision.md)."""
     return {
         "train_micro_batch_size_per_gpu": cfg.schedule.micro_batch,
         "gradient_accumulation_steps": cfg.accum_steps,
@@ -95,7 +107,7 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
         "gradient_clipping": 0.0,  # AGC replaces it; recent DeepSpeed defaults to 1.0
         "zero_optimization": {"stage": cfg.run.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
