@@ -37,6 +37,16 @@ sys.path.insert(0, str(REPO))
 MICRO_CANDIDATES = (256, 192, 128, 96, 64, 32)
 
 
+def _free(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _dist_init(device) -> None:
     import torch.distributed as dist
 
@@ -94,13 +104,19 @@ def speed(spec: dict, device, compile_: bool, channels_last: bool, steps: int) -
                 step()
             sync()
         except torch.OutOfMemoryError:
+            oom = True
+        else:
+            oom = False
+        if oom:  # outside the except block, so the failed step's frames (and activations) are gone
             del model, opt, fwd, x, y
-            torch.cuda.empty_cache()
+            _free(device)
             continue
         ips = micro * steps / (time.perf_counter() - t0)
         fpi = train_flops_per_image(resolve_config(spec["model"], width_mult=spec.get("width", 1.0),
                                                    depth_mult=spec.get("depth", 1.0)), spec["res"], 1000)  # fmt: skip
         peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0
+        del model, opt, fwd, x, y
+        _free(device)
         return {"micro": micro, "img_s": ips, "mfu": ips * fpi / peak if peak else None, "gflop_per_image": fpi / 1e9}
     raise RuntimeError("no micro-batch of MICRO_CANDIDATES fits")
 
@@ -125,12 +141,13 @@ def zero_equality(spec: dict, device) -> dict:
         model = _build(spec, device)
         opt = SkippableSGD(model.param_groups(2e-5), lr=0.4, momentum=0.9, nesterov=True)
         opt.skip = True
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg), dist_init_required=False)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, True), dist_init_required=False)
         opt.skip = False
         for i, (x, y) in enumerate(zip(xs, ys)):
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = soft_cross_entropy(engine(x), y)
-            engine.backward(loss)
+                logits = engine(x)
+            assert logits.dtype == torch.bfloat16, f"bf16 autocast did not reach the model inside the engine: {logits.dtype}"
+            engine.backward(soft_cross_entropy(logits, y))
             if i % accum == accum - 1:
                 agc_at_boundary(engine.module, model.agc_exclude_names(), 0.01, 1e-3, stage)
             engine.step()
@@ -219,6 +236,7 @@ def main(argv=None) -> int:
             results["speed"][key] = speed(spec, device, compile_, cl, speed_steps)
             print(key, results["speed"][key], flush=True)
     results["zero"] = zero_equality(spec, device)
+    _free(device)  # the pretraining's Ray worker needs the GPU's memory
     print("zero", results["zero"], flush=True)
     pre_spec = {**spec, "width": 0.25} if not args.dry_run else spec
     with tempfile.TemporaryDirectory(prefix="nfnet-gpu-check-") as tmp:

@@ -50,7 +50,7 @@ def worker(config: dict) -> None:
         return m, SkippableSGD(m.param_groups(2e-5), lr=0.1, momentum=0.9, nesterov=True)
 
     model, opt = build()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, gpu), dist_init_required=False)
     plain, plain_opt = build()
     ddp = torch.nn.parallel.DistributedDataParallel(plain)
     exclude = model.agc_exclude_names()

@@ -76,7 +76,7 @@ class TrainRun:
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)  # fmt: skip
         self.opt.skip = True  # ZeRO-1/2 step the optimizer once at init to create its state: not an update
         self.engine, _, _, _ = deepspeed.initialize(model=self.model.to(self.device), optimizer=self.opt,
-                                                    config=deepspeed_config(cfg), dist_init_required=False)  # fmt: skip
+                                                    config=deepspeed_config(cfg, self.amp_dtype is not None), dist_init_required=False)  # fmt: skip
         self.opt.skip = False
         self.module = self.engine.module
         self.ema = make_ema(self.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -213,6 +213,9 @@ class TrainRun:
             y = batch["target"].to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp_dtype is not None):
                 logits = module(x)
+            if self.amp_dtype is not None and logits.dtype != self.amp_dtype:  # never train fp32 unawares
+                raise RuntimeError(f"run.precision=bf16 but the model computed {logits.dtype} logits: autocast did not "
+                                   "reach the forward pass (DeepSpeed's torch_autocast section?)")  # fmt: skip
             return soft_cross_entropy(logits, y)
 
         return loss_fn

@@ -96,10 +96,13 @@ def agc_at_boundary(module: torch.nn.Module, exclude: set[str], clip: float, eps
     return stats
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict:
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
     """DeepSpeed always sees an fp32 model: its bf16 mode would keep bf16 weights with fp32 masters
-    that our checkpoints and EMA do not see, and accumulate and all-reduce gradients in bf16. The
-    bf16 precision is autocast around the forward pass instead (docs/precision.md)."""
+    that our checkpoints and EMA do not see, and accumulate and all-reduce gradients in bf16. bf16 is
+    autocast around the forward pass instead (docs/precision.md), declared in DeepSpeed's
+    `torch_autocast` section: without it, engine.forward runs the model under autocast(enabled=False)
+    whenever CUDA autocast is on outside it, i.e. a GPU run would silently train in fp32. No module is
+    "lower-precision safe", so every gradient is still all-reduced in fp32."""
     return {
         "train_micro_batch_size_per_gpu": cfg.schedule.micro_batch,
         "gradient_accumulation_steps": cfg.accum_steps,
@@ -108,6 +111,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_optimization": {"stage": cfg.run.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
