@@ -127,7 +127,6 @@ def zero_equality(spec: dict, device) -> dict:
     import torch
 
     from pipeline.config import resolve
-    from pipeline.train.checkpoint import gather_state
     from pipeline.train.step import SkippableSGD, agc_at_boundary, deepspeed_config, soft_cross_entropy
 
     _dist_init(device)
@@ -151,8 +150,8 @@ def zero_equality(spec: dict, device) -> dict:
             if i % accum == accum - 1:
                 agc_at_boundary(engine.module, model.agc_exclude_names(), 0.01, 1e-3, stage)
             engine.step()
-        state = gather_state(engine.module, opt, None, engine.optimizer)
-        weights[stage] = {k: v for k, v in state.items() if k.startswith("param/")}
+        # fp32 weights are whole on every rank at ZeRO 0/1/2 (DeepSpeed all-gathers the updated partitions)
+        weights[stage] = {k: v.detach().float().cpu() for k, v in engine.module.named_parameters()}
         del engine, model, opt
     base = weights[0]
     return {f"zero{s}_vs_zero0": max((weights[s][k] - base[k]).abs().max().item() for k in base) for s in (1, 2)}

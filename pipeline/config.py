@@ -108,7 +108,10 @@ class RunConfig:
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
     channels_last: bool = False  # NHWC input batches (timm measured NFNet-F0 2.4x slower channels-last on an RTX 3090)
     seed: int = 0
-    max_failures: int = 2
+    # Worker-group restarts from the latest checkpoint before fit() gives up. A multi-day run on 64
+    # GPUs sees several node losses, each costing at most ckpt_every steps; Ray Train counts per
+    # fit() call, so a re-submission starts a fresh count. Sweeps set 0 (they retry points themselves).
+    max_failures: int = 10
     placement: str = "PACK"  # Ray placement of the workers: PACK (fill nodes), SPREAD (one per node where possible), STRICT_*
     export: bool = True
     device_peak_flops: float = 0.0  # per worker; for MFU (0: known GPUs only)
@@ -158,6 +161,120 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         return _build(cls, d)
+
+
+# ---- resume / re-submission: which changes keep it the same run ----------------------------------
+# A run directory with checkpoints is continued by any submission with the same run.storage and
+# run.name. These keys may differ from the config that started it: they change how or where the run
+# is executed or logged, not the weights it computes (up to the order of fp32 sums). Every other key
+# defines the run (model, data, augmentation, optimizer, schedule, batches, seed, precision, mode) and
+# a change is refused by check_resume_config.
+RESUME_SAFE_KEYS = frozenset({
+    # Logging, evaluation and checkpoint cadence. Evaluation only reads the weights, and stochastic
+    # depth/dropout are re-seeded per (seed, step, slot) before every micro-batch, so evaluating more
+    # or less often leaves training untouched; a resumed run recomputes the same steps bit for bit.
+    "schedule.log_every", "schedule.eval_every", "schedule.ckpt_every", "schedule.keep_checkpoints",
+    # When to give up on consecutive non-finite losses (those steps are skipped either way).
+    "schedule.max_bad_steps",
+    # Resources, placement and retries.
+    "run.cpus_per_worker", "run.max_failures", "run.placement",
+    # Whether the export folder is written at the end; the MFU denominator (reporting only).
+    "run.export", "run.device_peak_flops",
+    # World size and ZeRO stage: checkpoints hold full fp32 weights, momentum and EMA gathered the
+    # same way at ZeRO 0/1/2 and restore at any world size; with global and micro batch unchanged
+    # the loader's slots (world x accum) are the same, and batches, augmentation and stochastic depth
+    # are seeded per (seed, step, slot), whichever rank owns a slot. (global_batch and micro_batch
+    # themselves are not here: they re-cut the epoch and change the lr.)
+    "run.num_workers", "run.zero_stage",
+    # GPU or CPU: the same math on other kernels. With run.precision=auto it also switches bf16 on
+    # or off, so resume_changes refuses it then (see _refused).
+    "run.use_gpu",
+    # torch.compile and NHWC batches: the same operations, other kernels and memory layout.
+    "run.compile", "run.channels_last",
+    # Where the run directory is: the check only runs when config.json was found at the current
+    # {storage}/{name}, so a difference means the run was moved or copied, not changed.
+    "run.storage", "run.name",
+    # Where the same bytes come from (endpoint; credentials are never in the config).
+    "data.s3_endpoint",
+    # Input pipeline speed. DataLoader worker w of W produces a rank's micro-batches j with
+    # j % W == w and torch yields them in order, and each batch's samples and augmentation are a
+    # function of (seed, epoch, slot, batch) (pipeline/data/loader.py), so the worker count does not
+    # change the batches; decoding draws no random numbers, so decode threads do not either.
+    "data.workers", "data.prefetch", "data.decode_threads",
+})  # fmt: skip
+
+_ABSENT = object()  # a key one side does not have and the current TrainConfig has no default for
+
+
+def _flat(d: dict) -> dict:
+    """{section: {field: value}} -> {"section.field": value}. Only the sections are opened: a
+    dict-valued field (model.overrides) is compared as one value."""
+    out = {}
+    for section, fields in d.items():
+        if isinstance(fields, dict):
+            out.update({f"{section}.{k}": v for k, v in fields.items()})
+        else:
+            out[section] = fields
+    return out
+
+
+def _changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """Dotted key -> (old, new) for every differing value. A key missing on one side takes the current
+    dataclass default (a config saved before a field existed ran with what is now its default)."""
+    default = _flat(TrainConfig().to_dict())
+    # Both as JSON would store them (tuples -> lists), so a saved config.json compares to a live dict.
+    old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    out = {}
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, default.get(key, _ABSENT)), new.get(key, default.get(key, _ABSENT))
+        if a is _ABSENT or b is _ABSENT or a != b:
+            out[key] = (a, b)
+    return out
+
+
+def _refused(key: str, saved: dict, current: dict) -> bool:
+    if key not in RESUME_SAFE_KEYS:
+        return True
+    if key == "run.use_gpu":  # precision=auto is bf16 on GPU and fp32 on CPU: moving changes the arithmetic
+        default = TrainConfig().run.precision
+        return "auto" in (d.get("run", {}).get("precision", default) for d in (saved, current))
+    return False
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed): sorted dotted keys whose values differ between the config a run was started
+    with and the one continuing it (both TrainConfig.to_dict() dicts). Allowed keys are those of
+    RESUME_SAFE_KEYS (run.use_gpu only with an explicit run.precision); the rest define the run."""
+    changed = _changes(saved, current)
+    refused = [k for k in changed if _refused(k, saved, current)]
+    return refused, [k for k in changed if k not in refused]
+
+
+def _show(v) -> str:
+    if v is _ABSENT:
+        return "(absent)"
+    text = json.dumps(v, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_changes(saved: dict, current: dict, keys: list[str], limit: int = 6) -> str:
+    """`key old -> new` for at most `limit` of `keys`, then `(+N more)`; one line."""
+    changed = _changes(saved, current)
+    shown = [f"{k} {_show(changed[k][0])} -> {_show(changed[k][1])}" for k in keys[:limit] if k in changed]
+    return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_resume_config(saved: dict, current: dict, where: str) -> list[str]:
+    """Refuse to continue the run at `where` (its run directory) under a config that computes something
+    else: a ValueError in one line naming each refused key with its old and new value. Returns the
+    allowed changed keys, for the caller to log."""
+    refused, allowed = resume_changes(saved, current)
+    if refused:
+        name = current.get("run", {}).get("name", saved.get("run", {}).get("name", ""))
+        raise ValueError(f"run {name!r} at {where} was started with a different config: "
+                         f"{format_changes(saved, current, refused)}; these define the run. "
+                         "Use a new run.name (or restore the old values).")  # fmt: skip
+    return allowed
 
 
 _SECTIONS = {"ModelConfig": "model", "DataConfig": "data", "AugmentConfig": "aug", "OptimConfig": "optim",

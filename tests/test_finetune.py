@@ -245,7 +245,7 @@ def test_eval_only_of_an_s3_ray_train_checkpoint(groups, pretrained, tmp_path, r
 
     bucket, prefix = split_s3(pretrained["run"])
     keys = [o["Key"] for o in s3_client(s3_server).list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
-    ckpts = sorted({k.split("/")[2] for k in keys if "/checkpoint_" in k and k.endswith("/state.safetensors")})
+    ckpts = sorted({k.split("/")[2] for k in keys if "/checkpoint_" in k and k.endswith("/index-00000.json")})
     assert ckpts, keys
     ckpt = f"{pretrained['run']}/{ckpts[-1]}"
     storage = str(tmp_path / "runs")

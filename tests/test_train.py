@@ -57,16 +57,17 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def kill_a_worker_after_checkpoints(run_dir: Path, n: int, killed: list) -> threading.Thread:
-    """SIGKILL one RayTrainWorker once `n` checkpoints are on disk. With n >= 3 the first is surely
-    registered with Ray Train (a worker's report queue holds one report, so the third cannot be
-    written before the controller took the second, and with it the first)."""
+def kill_a_worker_after_checkpoints(run_dir: Path, n: int, killed: list, world: int = 2) -> threading.Thread:
+    """SIGKILL one RayTrainWorker once `n` checkpoints are complete on disk (every rank's index written).
+    With n >= 3 the first is surely registered with Ray Train (a worker's report queue holds one
+    report, so the third cannot be written before the controller took the second, and with it the first)."""
     import psutil
 
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if len(list(run_dir.glob("checkpoint_*/trainer.json"))) >= n:
+            done = [d for d in run_dir.glob("checkpoint_*") if len(list(d.glob("index-*.json"))) == world]
+            if len(done) >= n:
                 for proc in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in (proc.info["cmdline"] or [])):
                         os.kill(proc.pid, signal.SIGKILL)
@@ -77,6 +78,24 @@ def kill_a_worker_after_checkpoints(run_dir: Path, n: int, killed: list) -> thre
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     return t
+
+
+def pausing_loop(pause_dir: str, step: int, rank: int):
+    """The real worker loop with rank `rank`'s checkpoint writer pausing at `step` after writing its
+    shard, before its index (checkpoint.write_shard's test hook): a SIGKILL then lands mid-write."""
+
+    def loop(config: dict) -> None:
+        import os
+
+        import ray.train
+
+        from pipeline.train.run import train_loop_per_worker
+
+        if ray.train.get_context().get_world_rank() == rank:
+            os.environ.update(NFNET_TEST_CKPT_PAUSE=pause_dir, NFNET_TEST_CKPT_PAUSE_STEP=str(step))
+        train_loop_per_worker(config)
+
+    return loop
 
 
 def export_weights(storage: str, name: str) -> dict[str, torch.Tensor]:
@@ -235,16 +254,18 @@ def test_compiled_model_equals_eager():
 
 # ---- distributed training ----------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_workers_equal_one_worker_with_accumulation_at_each_zero_stage(tiny_data, tmp_path, ray_cluster):
+def test_two_workers_equal_one_worker_with_accumulation(tiny_data, tmp_path, ray_cluster):
     """Same global batch (64) and seed: 1 worker x 4 micro-steps vs 2 workers x 2, AGC on,
-    stochastic depth and dropout on. Weights after 6 steps agree to 1e-5 at ZeRO 0, 1 and 2."""
+    stochastic depth and dropout on, fp32. Weights after 6 steps agree to 1e-5. ZeRO-1/2 are covered
+    by the bf16 test below (autocast on fp32 state: the same fp32 reductions and AGC) and AGC's
+    partition-local exactness by tests/test_agc_zero.py."""
     storage = str(tmp_path)
     run_fit(tiny_cfg(tiny_data, storage, "ref", **{"run.num_workers": 1}), ray_cluster["address"])
     ref = export_weights(storage, "ref")
     summary = json.loads((tmp_path / "ref" / "export" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["samples_seen"] == 384
     assert summary["train_flops"] == pytest.approx(384 * summary["train_flops_per_image"])
-    for stage in (0, 1, 2):
+    for stage in (0,):
         name = f"dp-zero{stage}"
         run_fit(tiny_cfg(tiny_data, storage, name, **{"run.zero_stage": stage}), ray_cluster["address"])
         got = export_weights(storage, name)
@@ -262,45 +283,85 @@ def load_init(data: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_worker_and_resubmission_recover_to_the_same_result(tiny_data, tmp_path, ray_cluster):
-    storage = str(tmp_path)
-    sets = {"schedule.samples": 64 * 16, "schedule.ckpt_every": 3, "run.max_failures": 2}
-    run_fit(tiny_cfg(tiny_data, storage, "clean", **sets), ray_cluster["address"])
-    killed = []
-    t = kill_a_worker_after_checkpoints(tmp_path / "crash", 3, killed)
-    run_fit(tiny_cfg(tiny_data, storage, "crash", **sets), ray_cluster["address"])
-    t.join(timeout=5)
-    assert killed, "no training worker was killed"
-    summary = json.loads((tmp_path / "crash" / "export" / "summary.json").read_text())
-    assert summary["resumes"] >= 1 and summary["steps"] == 16 and summary["samples_seen"] == 1024
-    clean, crash = export_weights(storage, "clean"), export_weights(storage, "crash")
-    assert max((clean[k] - crash[k]).abs().max().item() for k in clean) < 1e-5
-    clean_s = json.loads((tmp_path / "clean" / "export" / "summary.json").read_text())
-    assert summary["heldout_raw_loss"] == pytest.approx(clean_s["heldout_raw_loss"], abs=1e-5)
-
-    # Re-submitting the same run name continues the run: `ray job submit` without retries, SIGKILL
-    # of a worker after three checkpoints fails the job; the same command submitted again finishes
-    # it from the latest registered checkpoint, with the clean run's weights.
+def test_kill_during_a_checkpoint_write_and_resubmission_on_fewer_workers_recover_the_same_result(tiny_data, tmp_path, ray_cluster):
+    """Checkpoints are written in the background, one shard per rank (pipeline/train/checkpoint.py).
+    (1) Rank 1 is SIGKILLed while writing the step-12 checkpoint (shard written, index not): rank 0's
+    half reached storage, Ray Train never registered it, the run resumes from step 6 or 9 (Ray's
+    controller takes reports every 2 s: by the time rank 1 writes its fourth checkpoint its report
+    queue of one has been emptied of the second) and ends with the uninterrupted run's weights; the
+    half-written directory is refused if opened by hand.
+    (2) `ray job submit` twice: the first submission (2 workers) is killed after three checkpoints; a
+    re-submission with a changed learning rate is refused in the driver in one line; the same run
+    re-submitted on ONE worker restores the 2-worker checkpoint and finishes with the clean run's weights."""
     import subprocess
 
     import psutil
 
+    from pipeline.formats.sharded import IncompleteCheckpoint, open_local
+
+    storage = str(tmp_path)
+    sets = {"schedule.samples": 64 * 16, "schedule.ckpt_every": 3, "run.max_failures": 2}
+    run_fit(tiny_cfg(tiny_data, storage, "clean", **sets), ray_cluster["address"])
+    clean = export_weights(storage, "clean")
+    clean_s = json.loads((tmp_path / "clean" / "export" / "summary.json").read_text())
+
+    pause, killed = tmp_path / "pause", []
+    pause.mkdir()
+
+    def rank0_half_of_step_12() -> bool:
+        for d in (tmp_path / "crash").glob("checkpoint_*/index-00000.json"):
+            try:
+                if json.loads(d.read_text())["step"] == 12:
+                    return True
+            except ValueError:  # being written
+                pass
+        return False
+
+    def kill_mid_write():  # once rank 1 paused before its index and rank 0's half is in storage
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            marker = pause / "writing-1-12"
+            if marker.exists() and marker.read_text().strip() and rank0_half_of_step_12():
+                pid = int(marker.read_text().split()[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=kill_mid_write, daemon=True)
+    t.start()
+    run_fit(tiny_cfg(tiny_data, storage, "crash", **sets), ray_cluster["address"], pausing_loop(str(pause), 12, 1))
+    t.join(timeout=5)
+    assert killed, "the step-12 writer of rank 1 never paused"
+    summary = json.loads((tmp_path / "crash" / "export" / "summary.json").read_text())
+    assert summary["resumes"] == 1 and summary["resumed_from"] in (6, 9), summary  # not the half-written step 12
+    assert summary["steps"] == 16 and summary["samples_seen"] == 1024
+    assert max_diff(clean, export_weights(storage, "crash")) < 1e-5
+    assert summary["heldout_raw_loss"] == pytest.approx(clean_s["heldout_raw_loss"], abs=1e-5)
+    halves = [d for d in (tmp_path / "crash").glob("checkpoint_*") if d.is_dir() and not (d / "index-00001.json").exists()]
+    assert halves  # rank 0's half of step 12 at least: in storage, never offered by Ray, refused if opened
+    for d in halves:
+        with pytest.raises(IncompleteCheckpoint, match=r"ranks \[1\] of 2 have no index"):
+            open_local(str(d))
+
     ray_bin = str(Path(ray_cluster["env"]["PATH"].split(":")[0]) / "ray")
-    argv = ["python", "launch/pretrain_f7.py", "--preset", "demo"]
-    for item in tiny_sets(tiny_data, storage, "resub", **{**sets, "run.max_failures": 0}):
-        argv += ["--set", item]
+
+    def argv(**more) -> list[str]:
+        out = ["python", "launch/pretrain_f7.py", "--preset", "demo"]
+        for item in tiny_sets(tiny_data, storage, "resub", **{**sets, "run.max_failures": 0, **more}):
+            out += ["--set", item]
+        return out
 
     def ray_job(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         return subprocess.run([ray_bin, "job", *args], env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
 
-    def submit(sid: str, *flags: str) -> subprocess.CompletedProcess:
+    def submit(sid: str, *flags: str, **more) -> subprocess.CompletedProcess:
         return ray_job("submit", "--address", ray_cluster["dashboard"], "--submission-id", sid, "--working-dir",
-                       str(Path(__file__).resolve().parents[1]), *flags, "--", *argv)  # fmt: skip
+                       str(Path(__file__).resolve().parents[1]), *flags, "--", *argv(**more))  # fmt: skip
 
     sid = f"resub-1-{os.getpid()}"
     assert submit(sid, "--no-wait").returncode == 0
     deadline = time.time() + 300
-    while len(list((tmp_path / "resub").glob("checkpoint_*/trainer.json"))) < 3:
+    while len([d for d in (tmp_path / "resub").glob("checkpoint_*") if len(list(d.glob("index-*.json"))) == 2]) < 3:
         assert time.time() < deadline, "the first submission wrote no checkpoints"
         time.sleep(0.02)
     victims = [p for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in c for c in (p.info["cmdline"] or []))]
@@ -309,12 +370,14 @@ def test_sigkill_of_a_worker_and_resubmission_recover_to_the_same_result(tiny_da
         assert f"Job '{sid}' succeeded" not in status and time.time() < deadline, status[-3000:]
         time.sleep(1)
     assert not (tmp_path / "resub" / "export").exists()
-    second = submit(f"resub-2-{os.getpid()}")
+    changed = submit(f"resub-lr-{os.getpid()}", **{"optim.lr_base": 0.5})
+    assert changed.returncode != 0 and "optim.lr_base 0.4 -> 0.5" in changed.stdout + changed.stderr, changed.stdout[-2000:]
+    second = submit(f"resub-2-{os.getpid()}", **{"run.num_workers": 1})
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "run.num_workers" in second.stdout  # the allowed change is listed
     resub = json.loads((tmp_path / "resub" / "export" / "summary.json").read_text())
-    assert resub["resumes"] == 1 and resub["steps"] == 16
-    weights = export_weights(storage, "resub")
-    assert max((clean[k] - weights[k]).abs().max().item() for k in clean) < 1e-5
+    assert resub["resumes"] == 1 and resub["steps"] == 16 and resub["world_size"] == 1 and resub["resumed_from"] >= 3
+    assert max_diff(clean, export_weights(storage, "resub")) < 1e-5
 
 
 # ---- bf16 (docs/precision.md) ---------------------------------------------------------------------
@@ -393,7 +456,7 @@ def test_tensorboard_export_and_s3_checkpoints(tiny_data, tmp_path, ray_cluster,
     s3 = f"s3://{s3_bucket}/runs"
     run_fit(tiny_cfg(tiny_data, s3, "s3run", **{"schedule.ckpt_every": 3, "data.s3_endpoint": s3_server}), ray_cluster["address"])
     names = Store(f"{s3}/s3run", s3_server).list()
-    assert any(n.startswith("checkpoint_") and n.endswith("state.safetensors") for n in names)
+    assert any(n.startswith("checkpoint_") and n.endswith("index-00001.json") for n in names)
     assert {"export/model.safetensors", "export/summary.json", "export/config.json"} <= set(names)
     assert any(n.startswith("tensorboard/events") for n in names)
     blob = b"".join(Store(f"{s3}/s3run", s3_server).read_bytes(n) for n in names if n.endswith(".json"))
@@ -401,20 +464,38 @@ def test_tensorboard_export_and_s3_checkpoints(tiny_data, tmp_path, ray_cluster,
 
 
 @pytest.mark.slow
-def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(tiny_data, tmp_path, ray_cluster):
+def test_non_finite_losses_skip_steps_then_stop_with_a_clear_error(tiny_data, ray_cluster, s3_server, s3_bucket):
     """An absurd lr without AGC blows the weights up: non-finite steps are skipped and counted,
-    and after max_bad_steps in a row the run stops, naming the cause; earlier checkpoints stay."""
-    from ray.train import TrainingFailedError
+    and after max_bad_steps in a row the run stops, naming the cause; earlier checkpoints stay.
+    The run is stored on S3 and never finishes cleanly: its TensorBoard log is there anyway, synced
+    at every checkpoint, with the steps before the crash."""
+    import tempfile
 
-    cfg = tiny_cfg(tiny_data, str(tmp_path), "nan", **{"optim.lr_base": 1e12, "optim.agc_clip": 0.0,
-                                                        "optim.warmup_epochs": 0, "schedule.max_bad_steps": 2,
-                                                        "schedule.ckpt_every": 1, "schedule.samples": 64 * 20})  # fmt: skip
+    from ray.train import TrainingFailedError
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from data_prep.storage import Store
+
+    runs = f"s3://{s3_bucket}/runs"
+    cfg = tiny_cfg(tiny_data, runs, "nan", **{"optim.lr_base": 1e12, "optim.agc_clip": 0.0, "data.s3_endpoint": s3_server,
+                                              "optim.warmup_epochs": 0, "schedule.max_bad_steps": 2,
+                                              "schedule.ckpt_every": 1, "schedule.samples": 64 * 20})  # fmt: skip
     with pytest.raises(TrainingFailedError, match="consecutive steps had a non-finite loss"):
         run_fit(cfg, ray_cluster["address"])
-    assert list((tmp_path / "nan").glob("checkpoint_*/state.safetensors"))
+    store = Store(f"{runs}/nan", s3_server)
+    names = store.list()
+    assert any(n.startswith("checkpoint_") and n.endswith("index-00001.json") for n in names)
     # results.json says so: a sweep records the run as diverged (not failed, not retried).
-    res = json.loads((tmp_path / "nan" / "results.json").read_text())
+    res = json.loads(store.read_bytes("results.json"))
     assert res["status"] == "diverged" and "non-finite" in res["reason"] and res["training"]["skipped_steps"] >= 2
+    events = [n for n in names if n.startswith("tensorboard/events")]
+    assert events, names
+    with tempfile.TemporaryDirectory() as tb:
+        for n in events:
+            Path(tb, Path(n).name).write_bytes(store.read_bytes(n))
+        acc = EventAccumulator(tb)
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")][0] == 1  # logged before the crash, kept
 
 
 @pytest.mark.slow

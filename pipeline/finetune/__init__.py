@@ -5,4 +5,4 @@ splits and classes in the driver before any worker starts. The trainer imports s
 here imports the trainer.
 """
 
-MAY_IMPORT = ("data_prep", "models", "pipeline.config")
+MAY_IMPORT = ("data_prep", "models", "pipeline.config", "pipeline.formats")

@@ -112,7 +112,18 @@ def load_source(url: str, mc: ModelConfig) -> InitSource:
         classes = json.loads(store.read_bytes("classes.json")) if store.exists("classes.json") else None
         summary = json.loads(store.read_bytes("summary.json")) if store.exists("summary.json") else None
         return InitSource("export", url, _arch(info["arch"]), raw, ema, classes, summary, info.get("name", ""))
-    if store.exists("state.safetensors"):  # a Ray Train checkpoint directory of a pretraining run
+    if store.exists("index-00000.json"):  # a sharded checkpoint of a pretraining run (train/checkpoint.py)
+        from pipeline.formats.sharded import IncompleteCheckpoint, open_store
+
+        try:
+            ck = open_store(store)
+        except IncompleteCheckpoint as e:
+            raise InitError(str(e)) from e
+        raw = {n: ck.full("param", n) for kind, n in ck.pieces if kind == "param"}
+        ema = {n: ck.full("ema", n) for kind, n in ck.pieces if kind == "ema"} or None
+        meta = ck.trainer
+        return InitSource("checkpoint", url, _arch(meta["model"]["arch"]), raw, ema, meta.get("classes"), {"counters": meta.get("counters")})
+    if store.exists("state.safetensors"):  # a consolidated checkpoint written before sharding
         meta = json.loads(_read(store, "trainer.json", url))
         tensors, _ = _safetensors(_read(store, "state.safetensors", url))
         raw = {k[6:]: v for k, v in tensors.items() if k.startswith("param/")}
@@ -125,7 +136,7 @@ def load_source(url: str, mc: ModelConfig) -> InitSource:
             arch = create_model(m["name"], n, width_mult=m["width_mult"], depth_mult=m["depth_mult"], **m["overrides"]).cfg
         return InitSource("checkpoint", url, arch, raw, ema, meta.get("classes"), {"counters": meta.get("counters")})
     raise InitError(f"model.init_from={url}: not an export folder (model.safetensors + config.json), a run directory, "
-                    "a Ray Train checkpoint (state.safetensors + trainer.json) or a weights file (.pth/.pt/.bin/.safetensors)")  # fmt: skip
+                    "a Ray Train checkpoint (index-*.json + shards + trainer.json) or a weights file (.pth/.pt/.bin/.safetensors)")  # fmt: skip
 
 
 def source_classes(url: str) -> list[str] | None:
@@ -137,7 +148,7 @@ def source_classes(url: str) -> list[str] | None:
         return json.loads(store.read_bytes("classes.json"))
     if store.exists("trainer.json"):
         return json.loads(store.read_bytes("trainer.json")).get("classes")
-    if not store.exists("model.safetensors") and not store.exists("state.safetensors"):
+    if not any(store.exists(n) for n in ("model.safetensors", "state.safetensors", "index-00000.json")):
         load_source(url, ModelConfig())  # raises the InitError that says what is wrong
     return None
 

@@ -5,4 +5,4 @@ loss, AGC at the accumulation boundary in agc.py, SGD in optim.py, SAM in sam.py
 """
 
 MAY_IMPORT = ("data_prep.manifest", "data_prep.storage", "models", "pipeline.config", "pipeline.data",
-              "pipeline.finetune.sources")
+              "pipeline.finetune.sources", "pipeline.formats")

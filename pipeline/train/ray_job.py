@@ -7,7 +7,7 @@ import os
 
 from data_prep.storage import Store, s3_endpoint, split_s3
 
-from pipeline.config import TrainConfig, validate
+from pipeline.config import TrainConfig, check_resume_config, format_changes, validate
 
 
 def storage_args(storage: str, endpoint: str | None) -> dict:
@@ -26,10 +26,48 @@ def storage_args(storage: str, endpoint: str | None) -> dict:
     return {"storage_path": f"{bucket}/{prefix}".rstrip("/"), "storage_filesystem": pyarrow.fs.S3FileSystem(**kw)}
 
 
-def save_config(cfg: TrainConfig) -> str:
-    """The resolved config, saved in the run directory (local or s3://)."""
+def _run_store(cfg: TrainConfig) -> Store:
     root = cfg.run.storage if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage)
-    store = Store(f"{root.rstrip('/')}/{cfg.run.name}", cfg.data.s3_endpoint or None)
+    return Store(f"{root.rstrip('/')}/{cfg.run.name}", cfg.data.s3_endpoint or None)
+
+
+def _has_checkpoint(store: Store) -> bool:
+    """Whether Ray Train has written a checkpoint_* directory into the run directory (what it resumes from)."""
+    if not store.s3:
+        names = os.listdir(store.root) if os.path.isdir(store.root) else []
+        return any(n.startswith("checkpoint_") and os.path.isdir(os.path.join(store.root, n)) for n in names)
+    # One key is enough: Store.list would page through every file of every checkpoint.
+    prefix = f"{store.prefix}/checkpoint_" if store.prefix else "checkpoint_"
+    return store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) > 0
+
+
+def check_resubmission(cfg: TrainConfig) -> list[str]:
+    """Refuse, before any worker starts, to continue a run directory's checkpoints under a config that
+    defines another run (pipeline.config.check_resume_config: one line naming the changed keys); print
+    the allowed changes. Returns those keys. Compares with the config.json of the previous submission,
+    so it must run before save_config overwrites it (save_config calls it first; fit calls it again for
+    callers that do not save the config)."""
+    if cfg.run.mode == "eval":  # evaluates model.init_from; never resumes the run directory's checkpoints
+        return []
+    store = _run_store(cfg)
+    if not store.exists("config.json") or not _has_checkpoint(store):
+        return []  # a new run, or one that never got to a checkpoint: it starts from scratch
+    saved = json.loads(store.read_bytes("config.json"))
+    if saved.get("run", {}).get("mode") == "eval":
+        return []  # an evaluation under this name overwrote config.json: the checkpoints' config is unknown
+    current = cfg.to_dict()
+    allowed = check_resume_config(saved, current, store.root)
+    if allowed:
+        print(f"run {cfg.run.name!r}: continuing with changes that do not alter what it computes: "
+              f"{format_changes(saved, current, allowed, limit=len(allowed))}", flush=True)  # fmt: skip
+    return allowed
+
+
+def save_config(cfg: TrainConfig) -> str:
+    """The resolved config, saved in the run directory (local or s3://), after check_resubmission has
+    compared it with the one saved there by a previous submission (which this overwrites)."""
+    check_resubmission(cfg)
+    store = _run_store(cfg)
     store.write_bytes_atomic("config.json", json.dumps(cfg.to_dict(), indent=1).encode())
     return store.url("config.json")
 
@@ -44,6 +82,7 @@ def fit(cfg: TrainConfig, train_loop=None):
     from .run import train_loop_per_worker
 
     validate(cfg)  # batch identity, mode, SAM x ZeRO: before any worker starts
+    check_resubmission(cfg)  # a changed config must not silently continue the run's checkpoints
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,

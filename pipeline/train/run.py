@@ -20,8 +20,9 @@ from pipeline.config import TrainConfig
 from pipeline.data.augment import normalize
 from pipeline.data.loader import Layout, eval_loader, train_loader
 from pipeline.finetune.sources import build_model, check_classes, load_source, model_from_source
+from pipeline.formats.sharded import open_ray
 
-from .checkpoint import gather_state, read_checkpoint, restore_state, write_checkpoint, write_export
+from .checkpoint import restore, snapshot, write_export, write_shard
 from .evaluate import evaluate
 from .sam import sam_ascend, sam_restore
 from .step import SkippableSGD, agc_at_boundary, deepspeed_config, lr_at, make_ema, peak_bf16_flops, seed_for, soft_cross_entropy
@@ -83,7 +84,7 @@ class TrainRun:
         if cfg.run.compile:  # after the EMA copy, which stays eager; compiles in place (names unchanged)
             self.engine.compile()
         self.counters = {"step": 0, "samples_seen": 0, "train_flops": 0.0, "bad_samples": 0, "skipped_steps": 0,
-                         "wall_time_s": 0.0, "ema_updates": 0, "resumes": 0}  # fmt: skip
+                         "wall_time_s": 0.0, "ema_updates": 0, "resumes": 0, "resumed_from": None}  # fmt: skip
 
     def maybe_resume(self) -> None:
         import ray.train
@@ -91,11 +92,11 @@ class TrainRun:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return
-        with ckpt.as_directory() as d:
-            tensors, counters = read_checkpoint(d)
-        restore_state(self.module, self.opt, self.ema, tensors, self.engine.optimizer)
-        self.counters.update(counters["counters"])
+        ck = open_ray(ckpt)  # each rank reads by byte range what it restores; nothing is downloaded whole
+        restore(ck, self.module, self.opt, self.ema, self.engine.optimizer)
+        self.counters.update(ck.trainer["counters"])
         self.counters["resumes"] += 1
+        self.counters["resumed_from"] = self.counters["step"]
         if self.ema is not None:
             self.ema.n_averaged.fill_(self.counters["ema_updates"])
         if self.rank == 0:
@@ -330,24 +331,40 @@ class TrainRun:
             w.add_scalar("perf/mfu", ips * self.flops_per_image / (peak * self.world), step)
 
     def _checkpoint(self, metrics: dict) -> None:
+        """Every rank copies what it owns to host memory (the only stall: ~state / world bytes), then Ray
+        Train's upload thread writes and uploads the shard while training goes on (pipeline/train/
+        checkpoint.py). Ray registers the checkpoint once every rank's upload is done."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
-        tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)  # collective at ZeRO >= 1
-        self._gathered = (self.counters["step"], tensors)  # the export at the end reuses the last gather
+        t0 = time.perf_counter()
+        snap = snapshot(self.module, self.opt, self.ema, self.engine.optimizer, self.rank, self.world, self.counters["step"])
+        doc = None
         if self.rank == 0:
-            d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
-            write_checkpoint(d, tensors, {"counters": self.counters, "config": self.cfg.to_dict(), "model": self.model_info,
-                                          "classes": self.classes})  # fmt: skip
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            shutil.rmtree(d, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
+            doc = {"counters": dict(self.counters), "config": self.cfg.to_dict(), "model": self.model_info, "classes": self.classes}
+            if self.writer is not None:
+                self.writer.flush()
+        storage = ray.train.get_context().get_storage()
+        d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
+        sync_tb = self.rank == 0 and self.cfg.run.storage.startswith("s3://")
+
+        def upload(checkpoint, dir_name: str):  # in Ray's checkpoint-upload thread
+            write_shard(d, snap, doc)
+            persisted = storage.persist_current_checkpoint(checkpoint, dir_name)
+            if sync_tb:  # a crash keeps the TensorBoard log up to the last checkpoint
+                self._sync_tensorboard()
+            return persisted
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload)  # fmt: skip
+        stall = time.perf_counter() - t0
+        self.ckpt_stats = {"stall_s": stall, "snapshot_bytes": snap.nbytes}
+        if self.writer is not None:
+            self.writer.add_scalar("perf/checkpoint_stall_s", stall, self.counters["step"])
+            self.writer.add_scalar("perf/checkpoint_host_bytes_rank0", snap.nbytes, self.counters["step"])
 
     def _export(self) -> None:
-        step, tensors = getattr(self, "_gathered", (None, None))
-        if step != self.counters["step"]:  # no checkpoint at this step (e.g. resumed past the end)
-            tensors = gather_state(self.module, self.opt, self.ema, self.engine.optimizer)
-        if self.rank != 0:
+        if self.rank != 0:  # weights and EMA are whole on every rank at ZeRO 0/1/2: no gather
             return
         c = self.counters
         summary = {
@@ -355,14 +372,14 @@ class TrainRun:
             "epochs": c["samples_seen"] / self.train_ds.total, "steps": c["step"],
             "train_flops_per_image": self.flops_per_image, "wall_time_s": c["wall_time_s"],
             "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "world_size": self.world,
-            "resumes": c["resumes"],
+            "resumes": c["resumes"], "resumed_from": c["resumed_from"],
             "global_batch": self.cfg.schedule.global_batch, "data": self.cfg.data.root,
             **getattr(self, "last_eval", {}),
         }  # fmt: skip
         dest = f"{self.cfg.run.storage.rstrip('/')}/{self.cfg.run.name}/export"
         if not dest.startswith("s3://"):
             dest = os.path.abspath(dest)
-        write_export(dest, tensors, self.model_info, self.classes, summary, self.endpoint)
+        write_export(dest, self.module, self.ema, self.model_info, self.classes, summary, self.endpoint)
         if self.writer is not None:
             hparams = {"model": self.cfg.model.name, "width_mult": self.cfg.model.width_mult, "lr_base": self.cfg.optim.lr_base,
                        "global_batch": self.cfg.schedule.global_batch, "agc_clip": self.cfg.optim.agc_clip,

@@ -5,9 +5,9 @@ One optimizer step (global batch G = B x A x W):
     for a in 0..A-1:  loss = CE(model(x_a), soft targets); engine.backward(loss); [boundary:] AGC; engine.step()
 At the accumulation boundary (after the last backward, before engine.step) the gradient is the
 global-batch average: at ZeRO-0 it sits in p.grad (all-reduced); at ZeRO-1/2 it is partitioned and
-DeepSpeed's safe_get_full_grad/safe_set_full_grad gather and scatter it. AGC there is exact at every
-stage (../shared/docs/stack-notes.md); inside the client optimizer's step it would be wrong at
-ZeRO >= 1, which sees one flat partition per rank.
+each rank clips its own partition after one all-reduce of per-unit sums of squares
+(agc_partitioned.py). AGC there is exact at every stage; inside the client optimizer's step it would
+be wrong at ZeRO >= 1, which sees one flat partition per rank and no unit boundaries.
 
 Randomness: model randomness (stochastic depth, dropout) is seeded per (seed, step, slot) and data
 randomness per (seed, epoch, slot, batch), so a resumed run, and a run with another worker count
@@ -77,23 +77,22 @@ def make_ema(module: torch.nn.Module, decay: float):
 
 
 def agc_at_boundary(module: torch.nn.Module, exclude: set[str], clip: float, eps: float, zero_stage: int):
-    """AGC on the full, globally averaged gradient; returns AGCStats."""
+    """AGC on the globally averaged gradient; returns AGCStats. ZeRO-0: on the full p.grad (no
+    communication). ZeRO-1/2: on this rank's gradient partition with one all-reduce of 2 x units floats
+    (agc_partitioned.py), never gathering a full gradient."""
     from .agc import adaptive_grad_clip_
 
     if zero_stage == 0:  # p.grad is the all-reduced average: clip in place
         return adaptive_grad_clip_(((p, p.grad) for n, p in module.named_parameters() if n not in exclude), clip, eps)
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+    from .agc_partitioned import partitioned_agc_, unit_layout
 
-    pairs = []
-    for n, p in module.named_parameters():
-        if n not in exclude:
-            g = safe_get_full_grad(p)
-            if g is not None:
-                pairs.append((p, g.clone()))
-    stats = adaptive_grad_clip_(pairs, clip, eps)
-    for p, g in pairs:
-        safe_set_full_grad(p, g)
-    return stats
+    key = frozenset(exclude)
+    cached = getattr(module, "_agc_layout", None)  # the layout depends only on the architecture: build once
+    if cached is None or cached[0] != key:
+        cached = module._agc_layout = (key, *unit_layout(module.named_parameters(), exclude))
+    _, layout, units = cached
+    device = next(module.parameters()).device
+    return partitioned_agc_(layout, units, clip, eps, device)
 
 
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
