@@ -201,6 +201,8 @@ RESUME_SAFE_KEYS = frozenset({
     # function of (seed, epoch, slot, batch) (pipeline/data/loader.py), so the worker count does not
     # change the batches; decoding draws no random numbers, so decode threads do not either.
     "data.workers", "data.prefetch", "data.decode_threads",
+    # Held-out evaluation only: what it is evaluated on and at which resolution; training never reads them.
+    "data.eval_split", "aug.eval_res", "aug.eval_crop", "aug.eval_pad",
 })  # fmt: skip
 
 _ABSENT = object()  # a key one side does not have and the current TrainConfig has no default for

@@ -110,6 +110,12 @@ def _worker(rank: int, world: int, port: int, stage: int, out: str, mode: str) -
             ema.update_parameters(engine.module)
         ref = _full_state(engine, opt, ema)
         snap = snapshot(engine.module, opt, ema, engine.optimizer, rank, world, step=2)
+        # training goes on while the shard is written in the background: the snapshot must not alias
+        gen = torch.Generator().manual_seed(99 + rank)
+        x, y = torch.randn(6 // world, 3, 32, 32, generator=gen), torch.randint(0, 10, (6 // world,), generator=gen)
+        engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+        engine.step()
+        ema.update_parameters(engine.module)
         write_shard(ckpt, snap, {"counters": {"step": 2}} if rank == 0 else None)
         state_bytes = sum(v.numel() * 4 for v in ref.values())
         largest = max(v.numel() * 4 for v in ref.values())
@@ -160,6 +166,10 @@ def test_written_by_two_ranks_restored_at_another_world_size_and_stage(tmp_path)
         open_local(str(broken))
     shutil.copy(ckpt / "index-00001.json", broken)
     shard = broken / "shard-00000-of-00002.safetensors"
-    shard.write_bytes(shard.read_bytes()[:100])
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100])
     with pytest.raises(IncompleteCheckpoint, match="shard-00000-of-00002.safetensors is missing or not"):
+        open_local(str(broken))
+    shard.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # one bit flipped, same size
+    with pytest.raises(IncompleteCheckpoint, match="does not match the sha256 in its index"):
         open_local(str(broken))

@@ -81,6 +81,9 @@ def test_check_resubmission_on_a_run_directory(tmp_path, capsys):
     assert check_resubmission(cfg("optim.lr_base=0.3")) == []  # config.json but no checkpoint: starts afresh
     (run / "checkpoint_2025-01-01_00-00-00.000000").mkdir()
     (run / "checkpoint_note.txt").write_text("a file, not a checkpoint dir")
+    # a checkpoint directory Ray never registered (a crash mid-write): nothing would be resumed
+    assert check_resubmission(cfg("optim.lr_base=0.3")) == []
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray registered a checkpoint
     refusal = r"run 'r' at .*/r was started with a different config: optim.lr_base 0.1 -> 0.3;"
     with pytest.raises(ValueError, match=refusal):
         check_resubmission(cfg("optim.lr_base=0.3"))
@@ -103,7 +106,10 @@ def test_check_resubmission_on_s3(s3_server, s3_bucket):
 
     save_config(cfg())
     assert check_resubmission(cfg("aug.randaug_layers=0")) == []  # no checkpoint yet
-    Store(f"s3://{s3_bucket}/runs/r", s3_server).write_bytes_atomic("checkpoint_000001/trainer.json", b"{}")
+    run = Store(f"s3://{s3_bucket}/runs/r", s3_server)
+    run.write_bytes_atomic("checkpoint_manager_snapshot.json", b"{}")
+    assert check_resubmission(cfg("aug.randaug_layers=0")) == []  # registered once, its directory gone
+    run.write_bytes_atomic("checkpoint_000001/trainer.json", b"{}")
     with pytest.raises(ValueError, match=r"at s3://.*/runs/r .* aug.randaug_layers 2 -> 0;"):
         check_resubmission(cfg("aug.randaug_layers=0"))
     assert check_resubmission(cfg("data.workers=4")) == ["data.workers"]

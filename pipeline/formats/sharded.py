@@ -8,11 +8,15 @@ by byte range. Written by pipeline/train/checkpoint.py; read there (resume) and 
     trainer.json                       rank 0: counters, config, model, classes
 kind is param, momentum or ema. A checkpoint is complete when all `world` indexes are present, every
 shard has its recorded size and the pieces of every tensor tile it exactly, with no gap or overlap;
-ShardedCheckpoint refuses anything else in one line naming the directory and what is missing.
+ShardedCheckpoint refuses anything else in one line naming the directory and what is missing. Whole-
+file readers (open_local, open_store) also check each shard's sha256; a resuming rank, which reads
+only byte ranges, relies on the size check and on Ray registering only checkpoints that every rank
+finished uploading (the writer publishes a shard before its index).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -56,7 +60,7 @@ class ShardedCheckpoint:
             missing = sorted(set(range(world)) - set(ranks))
             raise IncompleteCheckpoint(f"{where}: incomplete checkpoint, shards of ranks {missing} of {world} have no index "
                                        "(the writer stopped before finishing)")  # fmt: skip
-        self.world, self.step = world, indexes[0]["step"]
+        self.world, self.step, self.indexes = world, indexes[0]["step"], indexes
         self.pieces: dict[tuple[str, str], list[tuple[int, int, str, str]]] = {}  # (kind, name) -> (start, numel, file, key)
         self.shapes: dict[str, list[int]] = {}
         for i in indexes:
@@ -104,17 +108,36 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def open_local(directory: str) -> ShardedCheckpoint:
+def verify_hashes(ck: ShardedCheckpoint, read: Callable[[str], bytes]) -> None:
+    """Every shard against the sha256 its index recorded (a same-size corruption passes the size check)."""
+    for i in ck.indexes:
+        if hashlib.sha256(read(i["file"])).hexdigest() != i["sha256"]:
+            raise IncompleteCheckpoint(f"{ck.where}: {i['file']} does not match the sha256 in its index (corrupt)")
+
+
+def open_local(directory: str, verify: bool = True) -> ShardedCheckpoint:
     names = os.listdir(directory)
-    return ShardedCheckpoint(names, lambda n: open(os.path.join(directory, n), "rb"), directory,
-                             lambda n: os.path.getsize(os.path.join(directory, n)))  # fmt: skip
+    ck = ShardedCheckpoint(names, lambda n: open(os.path.join(directory, n), "rb"), directory,
+                           lambda n: os.path.getsize(os.path.join(directory, n)))  # fmt: skip
+    if verify:
+        verify_hashes(ck, lambda n: Path(directory, n).read_bytes())
+    return ck
 
 
 def open_store(store) -> ShardedCheckpoint:
-    """From a data_prep Store (local or s3://; list, read_bytes, size, root): whole-file reads, for
-    model.init_from, read once in one process."""
+    """From a data_prep Store (local or s3://; list, read_bytes, size, root): whole files, each fetched
+    once and hash-checked, for model.init_from (read once, in one process, whole anyway)."""
     names = [n for n in store.list() if "/" not in n]
-    return ShardedCheckpoint(names, lambda n: io.BytesIO(store.read_bytes(n)), store.root, store.size)
+    cache: dict[str, bytes] = {}
+
+    def read(n: str) -> bytes:
+        if n not in cache:
+            cache[n] = store.read_bytes(n)
+        return cache[n]
+
+    ck = ShardedCheckpoint(names, lambda n: io.BytesIO(read(n)), store.root, store.size)
+    verify_hashes(ck, read)
+    return ck
 
 
 def open_ray(ckpt) -> ShardedCheckpoint:

@@ -27,7 +27,9 @@ import hashlib
 import heapq
 import json
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +131,14 @@ def _pause_for_tests(directory: str, snap: Snapshot) -> None:
     time.sleep(float(os.environ.get("NFNET_TEST_CKPT_PAUSE_S", "60")))
 
 
-def write_shard(directory: str, snap: Snapshot, trainer_doc: dict | None = None) -> dict:
-    """Write this rank's shard, then (rank 0) trainer.json, then the index that makes the shard count.
-    Runs in Ray Train's checkpoint-upload thread while training continues."""
+def write_shard(directory: str, snap: Snapshot, trainer_doc: dict | None = None,
+                publish: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Write this rank's shard and (rank 0) trainer.json, then the index that makes the shard count.
+    Runs in Ray Train's checkpoint-upload thread while training continues.
+
+    `publish(folder)` copies a folder's files into the checkpoint in storage (Ray's copy of a folder has
+    no order): the shard is published first and the index in a second copy, so storage never holds an
+    index whose shard is still on its way. Without `publish` everything is written to `directory`."""
     os.makedirs(directory, exist_ok=True)
     name = shard_name(snap.rank, snap.world)
     path = os.path.join(directory, name)
@@ -146,10 +153,17 @@ def write_shard(directory: str, snap: Snapshot, trainer_doc: dict | None = None)
             h.update(block)
     if trainer_doc is not None:
         Path(directory, "trainer.json").write_text(json.dumps(trainer_doc, indent=1))
+    if publish is not None:
+        publish(directory)
     _pause_for_tests(directory, snap)
     index = {"format": FORMAT, "rank": snap.rank, "world": snap.world, "step": snap.step, "file": name, "bytes": size,
              "sha256": h.hexdigest(), "entries": snap.entries}  # fmt: skip
-    Path(directory, index_name(snap.rank)).write_text(json.dumps(index))
+    if publish is None:
+        Path(directory, index_name(snap.rank)).write_text(json.dumps(index))
+        return index
+    with tempfile.TemporaryDirectory(prefix="nfnet-index-") as tmp:
+        Path(tmp, index_name(snap.rank)).write_text(json.dumps(index))
+        publish(tmp)
     return index
 
 

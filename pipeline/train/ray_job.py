@@ -32,13 +32,19 @@ def _run_store(cfg: TrainConfig) -> Store:
 
 
 def _has_checkpoint(store: Store) -> bool:
-    """Whether Ray Train has written a checkpoint_* directory into the run directory (what it resumes from)."""
+    """Whether a re-submission would resume: Ray Train writes checkpoint_manager_snapshot.json when it
+    registers a checkpoint (what ray.train.get_checkpoint restores from; a directory half-written by a
+    crash is never registered), and a checkpoint_* directory is still there."""
+    if not store.exists("checkpoint_manager_snapshot.json"):
+        return False
     if not store.s3:
         names = os.listdir(store.root) if os.path.isdir(store.root) else []
         return any(n.startswith("checkpoint_") and os.path.isdir(os.path.join(store.root, n)) for n in names)
-    # One key is enough: Store.list would page through every file of every checkpoint.
+    # Directories only (CommonPrefixes): the snapshot file shares the prefix. Store.list would page
+    # through every file of every checkpoint.
     prefix = f"{store.prefix}/checkpoint_" if store.prefix else "checkpoint_"
-    return store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix, MaxKeys=1).get("KeyCount", 0) > 0
+    page = store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix, Delimiter="/", MaxKeys=2)
+    return bool(page.get("CommonPrefixes"))
 
 
 def check_resubmission(cfg: TrainConfig) -> list[str]:

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 import torch
@@ -160,6 +161,7 @@ class TrainRun:
                            "The last good checkpoint is kept; lower optim.lr_base or check the data.")  # fmt: skip
                     # A sweep records this run as diverged (not failed, not retried) from results.json.
                     self._write_results({"status": "diverged", "reason": msg, "training": self._training_counters()})
+                    self._wait_for_upload(timeout=600)  # the pending checkpoint (and TensorBoard) reach storage
                     raise NonFiniteLossError(msg)
             else:
                 bad_in_row = 0
@@ -196,6 +198,7 @@ class TrainRun:
             self._export()
         if self.writer is not None:
             self.writer.close()
+            self._wait_for_upload()  # its TensorBoard sync must not land after (and overwrite) this final one
             self._sync_tensorboard()
 
     def _training_counters(self) -> dict:
@@ -338,6 +341,9 @@ class TrainRun:
         from ray.train import CheckpointUploadMode
 
         t0 = time.perf_counter()
+        # Back-pressure: one checkpoint in flight at a time, so host copies never pile up when uploads are
+        # slower than ckpt_every (Ray's upload pool is one thread with an unbounded queue).
+        self._wait_for_upload()
         snap = snapshot(self.module, self.opt, self.ema, self.engine.optimizer, self.rank, self.world, self.counters["step"])
         doc = None
         if self.rank == 0:
@@ -348,12 +354,18 @@ class TrainRun:
         d = tempfile.mkdtemp(prefix="nfnet-ckpt-")
         sync_tb = self.rank == 0 and self.cfg.run.storage.startswith("s3://")
 
+        done = self._upload_done = threading.Event()
+
         def upload(checkpoint, dir_name: str):  # in Ray's checkpoint-upload thread
-            write_shard(d, snap, doc)
-            persisted = storage.persist_current_checkpoint(checkpoint, dir_name)
-            if sync_tb:  # a crash keeps the TensorBoard log up to the last checkpoint
-                self._sync_tensorboard()
-            return persisted
+            persisted = []
+            try:  # shard first, its index in a second copy (write_shard)
+                write_shard(d, snap, doc, lambda folder: persisted.append(
+                    storage.persist_current_checkpoint(ray.train.Checkpoint.from_directory(folder), dir_name)))
+                if sync_tb:  # a crash keeps the TensorBoard log up to the last checkpoint
+                    self._sync_tensorboard()
+                return persisted[-1]
+            finally:
+                done.set()
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=upload)  # fmt: skip
@@ -362,6 +374,11 @@ class TrainRun:
         if self.writer is not None:
             self.writer.add_scalar("perf/checkpoint_stall_s", stall, self.counters["step"])
             self.writer.add_scalar("perf/checkpoint_host_bytes_rank0", snap.nbytes, self.counters["step"])
+
+    def _wait_for_upload(self, timeout: float | None = None) -> None:
+        done = getattr(self, "_upload_done", None)
+        if done is not None and not done.wait(timeout):
+            log.warning("checkpoint upload still running after %.0f s", timeout)
 
     def _export(self) -> None:
         if self.rank != 0:  # weights and EMA are whole on every rank at ZeRO 0/1/2: no gather
