@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", action="store_true", help="with --resize, also enlarge images smaller than N")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="reject images with more pixels (decompression bombs)")
+    p.add_argument("--max-bytes", type=int, default=ImageOptions.max_bytes, help="reject source files larger than this, before reading them")
     p.add_argument("--classes", default=None, metavar="FILE", help="manifest sources: class names, one per line, line number = label")
     p.add_argument("--path-column", default=None, help="manifest column with the path or s3:// URI (default: path/uri/url/file/filename/image)")
     p.add_argument("--label-column", default=None, help="manifest column with the label(s) (default: label/labels/class/cls)")
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_pack(a: argparse.Namespace) -> int:
     opts = PackOptions(
         samples_per_shard=a.samples_per_shard, heldout_fraction=a.heldout_fraction,
-        image=ImageOptions(resize_shorter=a.resize, upscale=a.upscale, quality=a.quality, max_pixels=a.max_pixels),
+        image=ImageOptions(resize_shorter=a.resize, upscale=a.upscale, quality=a.quality, max_pixels=a.max_pixels,
+                           max_bytes=a.max_bytes),
         chunk_size=a.chunk_size, classes_file=a.classes, path_column=a.path_column, label_column=a.label_column,
         limit_per_split=a.limit_per_split, shuffle_seed=None if a.no_shuffle else a.shuffle_seed,
         dedup=a.dedup, val_labels=os.path.abspath(a.val_labels) if a.val_labels else None,

@@ -28,6 +28,9 @@ class ImageOptions:
     upscale: bool = False  # with resize_shorter: also enlarge images whose shorter side is below N
     quality: int = 95
     max_pixels: int = 100_000_000  # decompression-bomb guard (W * H)
+    # Files above this are rejected before they are read (a 1 GB "image" once was read whole first).
+    # 64 MiB is above any camera JPEG/PNG a vision corpus holds; raise it with --max-bytes.
+    max_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from .images import ImageOptions, Reject, encode_image
 from .manifest import DUPLICATES, FORMAT, MANIFEST, REJECTED
-from .sources import Corpus, SourceItem, load_corpus, read_item_bytes
-from .storage import Store
+from .sources import Corpus, SourceItem, TooLarge, load_corpus, read_item_bytes
+from .storage import Store, split_s3
 
 STAGING = "_staging"
 SPLIT_ORDER = ("train", "heldout", "val")
@@ -70,6 +70,8 @@ class PackOptions:
         for late, default in (("dedup", "global"), ("val_labels", None)):
             if d[late] == default:
                 del d[late]
+        if d["image"].get("max_bytes") == ImageOptions.max_bytes:  # added later; no output changes below it
+            del d["image"]["max_bytes"]
         return d
 
 
@@ -116,7 +118,9 @@ def build_chunk(root: str, endpoint: str | None, chunk_id: int, items: Sequence[
             reason = it.reject
             if reason is None:
                 try:
-                    data = read_item_bytes(it, endpoint)
+                    data = read_item_bytes(it, endpoint, opts.max_bytes)
+                except TooLarge as e:
+                    reason = str(e)
                 except FileNotFoundError:
                     reason = "missing file"
                 except OSError as e:
@@ -288,6 +292,21 @@ def _versions() -> dict:
     return out
 
 
+def _refuse_overlap(source: str, out: str) -> None:
+    """SOURCE and OUT must not overlap either way: OUT inside SOURCE reads its own shards as input, and
+    SOURCE inside OUT is deleted by --overwrite (OUT=x, SOURCE=x/src once deleted the corpus)."""
+    if source == "fashion-mnist" or Store(source).s3 != Store(out).s3:
+        return
+    if Store(source).s3:
+        a, b = (("/".join(split_s3(u)).rstrip("/") + "/") for u in (source, out))
+    else:
+        a, b = (str(Path(u).resolve()).rstrip("/") + "/" for u in (source, out))
+    if b.startswith(a):
+        raise PackError(f"OUT {out} lies inside SOURCE {source}; its shards would be read as input")
+    if a.startswith(b):
+        raise PackError(f"SOURCE {source} lies inside OUT {out}; OUT must be a separate place (--overwrite would delete SOURCE)")
+
+
 def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool) -> bool:
     """Returns True when OUT already holds this exact finished pack. Raises on a conflicting OUT."""
     store.check_writable()
@@ -327,9 +346,7 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
     t0 = time.time()
     if opts.dedup not in ("global", "split", "off"):
         raise PackError(f"dedup must be 'global', 'split' or 'off', got {opts.dedup!r}")
-    if not Store(source).s3 and source != "fashion-mnist" and not Store(out).s3:
-        if Path(out).resolve().is_relative_to(Path(source).resolve()):
-            raise PackError(f"OUT {out} lies inside SOURCE {source}; its shards would be read as input")
+    _refuse_overlap(source, out)
     corpus: Corpus = load_corpus(source, classes_file=opts.classes_file, path_column=opts.path_column,
                                  label_column=opts.label_column, limit_per_split=opts.limit_per_split,
                                  endpoint=endpoint, val_labels=opts.val_labels)  # fmt: skip
@@ -356,13 +373,18 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
                       workers, use_ray, ray_address, lambda r: bar.update(1))  # fmt: skip
     bar.close()
 
+    plan.rejected.extend(corpus.skipped)  # folders not walked (symlink loops): recorded, not silent
     store.write_bytes_atomic(REJECTED, "".join(json.dumps(r) + "\n" for r in plan.rejected).encode())
     store.write_bytes_atomic(DUPLICATES, "".join(json.dumps(d) + "\n" for d in plan.duplicates).encode())
+    reasons = Counter(_reason_class(r["reason"]) for r in plan.rejected)
+    if not sum(plan.split_counts.values()):  # no manifest: an empty pack must not look like a finished one
+        listed = ", ".join(f"{n} x {r}" for r, n in reasons.most_common())
+        raise PackError(f"nothing packed: all {len(plan.rejected)} items were rejected ({listed}); "
+                        f"see {store.url(REJECTED)}")  # fmt: skip
     splits = {}
     for split, count in plan.split_counts.items():
         shards = [i for i, s in zip(infos, plan.shards) if s["split"] == split]
         splits[split] = {"samples": count, "class_counts": plan.class_counts[split], "shards": shards}
-    reasons = Counter(_reason_class(r["reason"]) for r in plan.rejected)
     manifest = {
         "format": FORMAT, "classes": corpus.classes, "multi_label": corpus.multi_label, "splits": splits,
         "duplicates": len(plan.duplicates), "rejected": len(plan.rejected),

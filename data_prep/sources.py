@@ -58,6 +58,7 @@ class Corpus:
     description: str
     multi_label: bool = False
     extra: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # {path, reason}: folders not walked; into rejected.jsonl
 
 
 def make_key(rel: str) -> str:
@@ -164,12 +165,23 @@ def _build_folder_corpus(rels: list[str], locate, description: str, val_labels: 
 
 
 def _class_folders_local(root: Path, val_labels: dict[str, str] | None = None, labels_file: str | None = None) -> Corpus:
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk):
+    """Symlinked folders are followed (ImageNet on shared storage often links its class folders); a
+    folder reached again through a link (a loop, or a second link to it) is skipped and recorded."""
+    rels, skipped, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise_walk, followlinks=True):
+        rel_dir = str(Path(dirpath).relative_to(root)).replace(os.sep, "/")
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            skipped.append({"path": rel_dir, "reason": f"folder skipped: it links to {real}, already walked (symlink loop or second link)"})
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
             rels.append(str((Path(dirpath) / f).relative_to(root)).replace(os.sep, "/"))
-    return _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}", val_labels, labels_file)
+    corpus = _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}", val_labels, labels_file)
+    corpus.skipped = skipped
+    return corpus
 
 
 def _raise_walk(err: OSError):
@@ -216,8 +228,18 @@ def _read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+class _Missing:
+    """An empty or absent label cell (CSV '', JSON null, a missing key, NaN): its row is rejected."""
+
+
+MISSING = _Missing()
+
+
 def _parse_label(value):
-    """int, class name, or a list of either; CSV cells may hold "3", "cat", "[1, 2]" or "cat;dog"."""
+    """int, class name, or a list of either; CSV cells may hold "3", "cat", "[1, 2]" or "cat;dog".
+    An empty or absent cell is MISSING (it once became the classes '' and 'None')."""
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        return MISSING
     if isinstance(value, (list, tuple)):
         return [_parse_label(v) for v in value]
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -242,16 +264,26 @@ def _manifest(path: Path, classes_file: str | None, path_column: str | None, lab
     for want, col, options in (("path", pcol, _PATH_COLUMNS), ("label", lcol, _LABEL_COLUMNS)):
         if col is None or col not in columns:
             raise SourceError(f"{path}: no {want} column (looked for {col or ' / '.join(options)}; columns are {sorted(columns)})")
-    labels = [_parse_label(r.get(lcol)) for r in rows]
-    flat = [x for lab in labels for x in (lab if isinstance(lab, list) else [lab])]
+    labels = []
+    for n, r in enumerate(rows, 1):
+        try:
+            labels.append(_parse_label(r.get(lcol)))
+        except (ValueError, TypeError) as e:  # e.g. a cell "[1, 2" that is not JSON
+            labels.append(ValueError(f"unparsable label {r.get(lcol)!r} in row {n} of {path.name} ({e})"))
+    flat = [x for lab in labels if not isinstance(lab, (_Missing, ValueError))
+            for x in (lab if isinstance(lab, list) else [lab]) if not isinstance(x, _Missing)]
+    ints = sum(isinstance(x, int) for x in flat)
+    # Integer labels (class indices) unless most cells are names; in an integer manifest a name is
+    # rejected with its row (it once failed the whole file naming no row).
+    integer_mode = ints * 2 >= len(flat) and not classes_file
     if classes_file:
         classes = [ln.strip() for ln in Path(classes_file).read_text().splitlines() if ln.strip()]
-    elif all(isinstance(x, int) for x in flat):
-        classes = [str(i) for i in range(max(flat) + 1)]
-    elif all(isinstance(x, str) for x in flat):
-        classes = sorted(set(flat))
+    elif not flat:
+        raise SourceError(f"{path}: no row has a label in column {lcol!r}")
+    elif integer_mode:
+        classes = [str(i) for i in range(max(x for x in flat if isinstance(x, int)) + 1)]
     else:
-        raise SourceError(f"{path}: column {lcol!r} mixes integer labels and class names; pass --classes FILE")
+        classes = sorted({str(x) for x in flat})
     index = {c: i for i, c in enumerate(classes)}
 
     items = []
@@ -261,12 +293,21 @@ def _manifest(path: Path, classes_file: str | None, path_column: str | None, lab
         rel = ref
         split = str(row.get("split") or "train")
         reject, ids = None, []
-        for x in lab if isinstance(lab, list) else [lab]:
+        for x in [] if isinstance(lab, (_Missing, ValueError)) else lab if isinstance(lab, list) else [lab]:
+            if isinstance(x, str) and integer_mode:
+                reject = f"label {x!r} in row {n} of {path.name} is not an integer class index (the column holds integers)"
+                break
+            if isinstance(x, int) and not integer_mode and not classes_file:
+                x = str(x)  # a numeric class name among names
             i = index.get(x) if isinstance(x, str) else (x if isinstance(x, int) and 0 <= x < len(classes) else None)
             if i is None:
                 reject = f"unknown label {x!r} in row {n} of {path.name}"
                 break
             ids.append(i)
+        if isinstance(lab, _Missing) or (isinstance(lab, list) and (not lab or any(isinstance(x, _Missing) for x in lab))):
+            reject = f"missing label (empty {lcol!r}) in row {n} of {path.name}"
+        elif isinstance(lab, ValueError):
+            reject = str(lab)
         if not ref:
             reject = f"empty {pcol!r} in row {n} of {path.name}"
         if not re.fullmatch(r"[A-Za-z0-9_]+", split):
@@ -305,8 +346,18 @@ def _fashion_mnist() -> Corpus:
     return Corpus(list(FASHION_MNIST_CLASSES), items, "fashion-mnist (Debian dataset-fashion-mnist)")
 
 
-def read_item_bytes(item: SourceItem, endpoint: str | None = None) -> bytes:
-    """Source bytes of one item; raises OSError subclasses with a message fit for rejected.jsonl."""
+class TooLarge(Exception):
+    """A source file above the size cap; its message is the reason recorded in rejected.jsonl."""
+
+
+def read_item_bytes(item: SourceItem, endpoint: str | None = None, max_bytes: int = 0) -> bytes:
+    """Source bytes of one item; raises OSError subclasses with a message fit for rejected.jsonl, and
+    TooLarge, before reading, for a file above `max_bytes` (0: no cap)."""
+
+    def check(size: int) -> None:
+        if max_bytes and size > max_bytes:
+            raise TooLarge(f"file too large: {size} bytes > {max_bytes} (--max-bytes)")
+
     loc = item.location
     if loc.startswith("fashion-mnist:"):
         _, prefix, idx = loc.split(":")
@@ -316,8 +367,15 @@ def read_item_bytes(item: SourceItem, endpoint: str | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
-            return s3_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+            obj = s3_client(endpoint).get_object(Bucket=bucket, Key=key)
+            try:  # the size comes with the response headers; the body is streamed only if it fits
+                check(int(obj["ContentLength"]))
+                return obj["Body"].read()
+            finally:
+                obj["Body"].close()
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             raise FileNotFoundError(f"missing object ({code})") if code in ("NoSuchKey", "404") else OSError(f"unreadable object: {code}") from e
-    return Path(loc).read_bytes()
+    with open(loc, "rb") as f:
+        check(os.fstat(f.fileno()).st_size)
+        return f.read()

@@ -237,6 +237,79 @@ def test_clear_errors_for_bad_source_and_out(tmp_path):
     assert r.returncode == 2 and "manifest.json not found" in r.stderr
 
 
+def test_overlapping_source_and_out_all_rejected_and_size_cap(tmp_path):
+    """Nothing destroyed or dropped silently: SOURCE inside OUT (which --overwrite would delete) and OUT
+    inside SOURCE are refused and SOURCE is untouched; a pack where every item is rejected exits
+    non-zero with the count per reason and writes no manifest; files above --max-bytes are rejected
+    with that reason."""
+    out = tmp_path / "out"
+    src = out / "src"
+    make_class_folders(src, per_class=2, splits=None)
+    before = sorted(p.name for p in src.rglob("*.jpg"))
+    for args in ((str(src), str(out), "--overwrite"), (str(tmp_path / "out"), str(src / "o"))):
+        r = run_cli("pack", *args, "--no-progress", check=False)
+        assert r.returncode == 2 and "lies inside" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1  # one line
+    assert sorted(p.name for p in src.rglob("*.jpg")) == before
+
+    sizes = sorted(p.stat().st_size for p in src.rglob("*.jpg"))
+    cap = sizes[len(sizes) // 2]  # about half the files are above it
+    capped = run_cli("pack", str(src), str(tmp_path / "capped"), "--max-bytes", str(cap), "--no-progress")
+    m = json.loads((tmp_path / "capped" / "manifest.json").read_text())
+    too_big = sum(1 for n in sizes if n > cap)
+    assert 0 < too_big < len(sizes) and m["rejected_by_reason"] == {"file too large": too_big}, capped.stdout
+    rejected = [json.loads(x) for x in (tmp_path / "capped" / "rejected.jsonl").read_text().splitlines()]
+    assert all(f"bytes > {cap} (--max-bytes)" in r["reason"] for r in rejected)
+
+    r = run_cli("pack", str(src), str(tmp_path / "none"), "--max-bytes", "10", "--no-progress", check=False)
+    assert r.returncode == 2, r.stdout
+    assert f"nothing packed: all {len(sizes)} items were rejected ({len(sizes)} x file too large)" in r.stderr
+    assert not (tmp_path / "none" / "manifest.json").exists() and (tmp_path / "none" / "rejected.jsonl").exists()
+
+
+def test_missing_and_bad_label_cells_are_rejected_by_row(tmp_path):
+    """Empty or absent label cells once became classes '' and 'None'; in an integer-labelled manifest
+    one name failed the whole file naming no row. Now each such row is rejected, naming its row."""
+    for i in range(5):
+        save(rand_image(i), tmp_path / f"i{i}.jpg")
+    (tmp_path / "m.csv").write_text("path,label\ni0.jpg,0\ni1.jpg,\ni2.jpg,cat\ni3.jpg,1\ni4.jpg,2\n")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"path": "i0.jpg", "label": "cat"}, {"path": "i1.jpg", "label": None}, {"path": "i2.jpg"},
+        {"path": "i3.jpg", "label": "dog"}, {"path": "i4.jpg", "label": "[1, 2"})) + "\n")  # fmt: skip
+    pack(str(tmp_path / "m.csv"), str(tmp_path / "o1"), PackOptions(samples_per_shard=10), progress=False)
+    m = json.loads((tmp_path / "o1" / "manifest.json").read_text())
+    assert m["classes"] == ["0", "1", "2"] and m["splits"]["train"]["samples"] == 3
+    reasons = sorted(json.loads(x)["reason"] for x in (tmp_path / "o1" / "rejected.jsonl").read_text().splitlines())
+    assert reasons == ["label 'cat' in row 3 of m.csv is not an integer class index (the column holds integers)",
+                       "missing label (empty 'label') in row 2 of m.csv"]  # fmt: skip
+    pack(str(tmp_path / "m.jsonl"), str(tmp_path / "o2"), PackOptions(samples_per_shard=10), progress=False)
+    m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
+    assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["samples"] == 2
+    reasons = sorted(json.loads(x)["reason"] for x in (tmp_path / "o2" / "rejected.jsonl").read_text().splitlines())
+    assert reasons[0] == "missing label (empty 'label') in row 2 of m.jsonl"
+    assert reasons[1] == "missing label (empty 'label') in row 3 of m.jsonl"
+    assert reasons[2].startswith("unparsable label '[1, 2' in row 5 of m.jsonl")
+
+
+def test_symlinked_class_folders_are_followed_and_loops_recorded(tmp_path):
+    """Class folders that are symlinks (ImageNet on shared storage) are packed; a link back up the tree
+    is walked once, and the folder it would repeat is recorded as skipped."""
+    store = tmp_path / "store"
+    make_class_folders(store, per_class=2, classes=("cat", "dog"), splits=None)
+    src = tmp_path / "src" / "train"
+    src.mkdir(parents=True)
+    for c in ("cat", "dog"):
+        (src / c).symlink_to(store / c, target_is_directory=True)
+    (store / "dog" / "loop").symlink_to(store, target_is_directory=True)  # dog/loop -> the whole store
+    summary = pack(str(tmp_path / "src"), str(tmp_path / "out"), PackOptions(samples_per_shard=10), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["class_counts"] == [2, 2], summary
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    # dog/loop is the store itself: its cat and dog were walked already, through the class links
+    assert sorted(r["path"] for r in rejected) == ["train/dog/loop/cat", "train/dog/loop/dog"], rejected
+    assert all("already walked (symlink loop or second link)" in r["reason"] for r in rejected)
+
+
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -215,3 +215,26 @@ def test_decode_threads_give_the_same_batches(packed):
     ev = [list(eval_loader(packed, "heldout", 16, 0, 1, AUG, workers=w, decode_threads=t)[0]) for w, t in ((0, 0), (0, 2))]
     assert [b["keys"] for b in ev[0]] == [b["keys"] for b in ev[1]]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*ev))
+
+
+def test_evaluation_decodes_at_the_resize_target_not_below(tmp_path):
+    """Held-out images are resized to eval_res + eval_pad and cropped to eval_res; the JPEG is decoded
+    (DCT-scaled) at no less than that resize target. A 560 px image at eval_res 280, pad 8 was decoded
+    at 280 and upscaled to 288."""
+    import tarfile
+
+    from corpus_utils import rand_image, save
+
+    from pipeline.data.augment import EvalTransform, decode
+
+    save(rand_image(0, (560, 560)), tmp_path / "src" / "val" / "a" / "big.jpg", quality=90)
+    pack(str(tmp_path / "src"), str(tmp_path / "out"), PackOptions(samples_per_shard=10), progress=False)
+    with tarfile.open(next((tmp_path / "out").glob("val-*.tar"))) as tar:
+        jpg = next(tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg"))
+    for crop in ("squash", "center"):
+        aug = AugmentConfig(eval_res=280, eval_pad=8, eval_crop=crop)
+        batch = next(iter(eval_loader(str(tmp_path / "out"), "val", 1, 0, 1, aug, workers=0)[0]))
+        tf = EvalTransform(aug)
+        assert decode(jpg, 288).shape[-1] == 560 and decode(jpg, 280).shape[-1] == 280  # DCT scale 1 vs 1/2
+        assert torch.equal(batch["image"][0], tf(decode(jpg, 288))), crop
+        assert not torch.equal(batch["image"][0], tf(decode(jpg, 280))), crop  # what it did before

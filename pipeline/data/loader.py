@@ -350,6 +350,9 @@ class EvalStream(_Stream):
         transform = EvalTransform(self.aug)
         order = np.arange(len(self.shards))
         res = self.aug.eval_res
+        # JPEG DCT scaling never below the resize target (eval_res + eval_pad), which is then cropped to
+        # eval_res: decoding at eval_res upscaled a 560 px image from 280 to 288.
+        decode_at = self.aug.eval_res + self.aug.eval_pad
         for j in range(self.num_batches):
             if j % nw != wid:
                 continue
@@ -361,7 +364,7 @@ class EvalStream(_Stream):
             mask = torch.zeros(self.batch)
             keys, bad = [], 0
             items = [(cache.get((sh, off)), f"{self.shards[sh].name}#{off}") for sh, off in locs]
-            for i, ((sample, _), (img, lab)) in enumerate(zip(items, self._decode_many(items, res))):
+            for i, ((sample, _), (img, lab)) in enumerate(zip(items, self._decode_many(items, decode_at))):
                 if img is None:
                     bad += 1
                     continue
