@@ -221,12 +221,26 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
+def _matches(store: Store, name: str, info: dict) -> bool:
+    """The shard's size, then its sha256 (one streamed read), equal what its sidecar recorded."""
+    if store.size(name) != info.get("bytes"):
+        return False
+    sha = hashlib.sha256()
+    with store.open_read(name) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest() == info.get("sha256")
+
+
 def build_shard(root: str, endpoint: str | None, name: str, members: Sequence[tuple[int, str, dict]]) -> dict:
     """Stage-3 task: copy samples out of staging chunks into one shard tar, atomically."""
     store = Store(root, endpoint)
     sidecar = f"{STAGING}/shards/{name}.json"
-    if store.exists(name) and store.exists(sidecar):
-        return json.loads(store.read_bytes(sidecar))  # finished by an earlier, interrupted run
+    if store.exists(name) and store.exists(sidecar):  # finished by an earlier, interrupted run?
+        info = json.loads(store.read_bytes(sidecar))
+        if info.get("samples") == len(members) and _matches(store, name, info):
+            return info
+        # a shard that does not match its sidecar (truncated, 0 bytes, replaced) is rebuilt, not trusted
     blobs = {cid: store.read_bytes(f"{STAGING}/chunk-{cid:06d}.bin") for cid in sorted({m[0] for m in members})}
     # offsets[i] = byte offset of sample i's first tar header; offsets[-1] = end of the last sample.
     # A USTAR member is one 512-byte header plus its data padded to 512 (names stay < 100 chars),
