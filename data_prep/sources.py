@@ -64,7 +64,17 @@ class Corpus:
 def make_key(rel: str) -> str:
     """Readable and unique: the sanitised path without extension plus 8 hex digits of its hash."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel).strip("_")
-    return f"{stem[-80:]}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+    # surrogateescape: a local name with bytes that are not UTF-8 arrives from os.walk as surrogates
+    return f"{stem[-80:]}_{hashlib.sha1(rel.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+
+
+def not_utf8(rel: str) -> str | None:
+    """The name with its undecodable bytes shown as \\xNN when `rel` is not valid UTF-8, else None."""
+    try:
+        rel.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def load_corpus(source: str, *, classes_file: str | None = None, path_column: str | None = None,
@@ -136,6 +146,10 @@ def _read_val_labels(path: str) -> dict[str, str]:
 def _build_folder_corpus(rels: list[str], locate, description: str, val_labels: dict[str, str] | None = None,
                          labels_file: str | None = None) -> Corpus:  # fmt: skip
     rels = [r for r in rels if not any(p.startswith(".") for p in r.split("/"))]
+    # A file or folder name that is not UTF-8 cannot be a class name or a manifest path: each such
+    # file is rejected with its name escaped (it once crashed the pack with a traceback).
+    bad_names = [(r, shown) for r in rels if (shown := not_utf8(r)) is not None]
+    rels = [r for r in rels if not_utf8(r) is None]
     has_splits = any(r.split("/")[0] in SPLIT_DIRS and len(r.split("/")) >= 3 for r in rels)
     placed = [(sc, r) for r in rels if (sc := _split_and_class(r.split("/"), has_splits)) is not None]
     flat_val = [r for r in rels if val_labels is not None and r.split("/")[0] == "val" and len(r.split("/")) == 2]
@@ -161,6 +175,10 @@ def _build_folder_corpus(rels: list[str], locate, description: str, val_labels: 
         else:
             ids = (index[label],)
         items.append(SourceItem(make_key(rel), "val", ids, locate(rel), rel, reject))
+    for rel, shown in bad_names:
+        sc = _split_and_class(rel.split("/"), has_splits)
+        items.append(SourceItem(make_key(rel), sc[0] if sc else "train", (0,), locate(shown), shown,
+                                f"file or folder name is not valid UTF-8: {shown}"))  # fmt: skip
     return Corpus(classes, items, description)
 
 

@@ -312,6 +312,25 @@ def test_symlinked_class_folders_are_followed_and_loops_recorded(tmp_path):
     assert all("already walked (symlink loop or second link)" in r["reason"] for r in rejected)
 
 
+def test_names_that_are_not_utf8_are_rejected_with_an_escaped_name(tmp_path):
+    """A byte that is not UTF-8 in a file or folder name once crashed the pack with a traceback."""
+    src = tmp_path / "src"
+    make_class_folders(src, per_class=2, classes=("cat",), splits=("train",))
+    data = (src / "train" / "cat" / "img_0.jpg").read_bytes()
+    root = bytes(src)
+    os.makedirs(root + b"/train/d\xffg")
+    (Path(os.fsdecode(root + b"/train/cat/b\xe9d.jpg"))).write_bytes(data + b"1")
+    (Path(os.fsdecode(root + b"/train/d\xffg/x.jpg"))).write_bytes(data + b"2")
+    r = run_cli("pack", str(src), str(tmp_path / "out"), "--no-progress")
+    assert "2 x file or folder name is not valid UTF-8" in r.stdout
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["classes"] == ["cat"] and m["splits"]["train"]["samples"] == 2
+    raw = (tmp_path / "out" / "rejected.jsonl").read_bytes()
+    raw.decode("utf-8")  # the record is valid UTF-8 text
+    paths = sorted(json.loads(x)["path"] for x in raw.decode().splitlines())
+    assert paths == ["train/cat/b\\xe9d.jpg", "train/d\\xffg/x.jpg"]
+
+
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
