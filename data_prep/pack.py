@@ -321,9 +321,20 @@ def _refuse_overlap(source: str, out: str) -> None:
         raise PackError(f"SOURCE {source} lies inside OUT {out}; OUT must be a separate place (--overwrite would delete SOURCE)")
 
 
-def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool) -> bool:
-    """Returns True when OUT already holds this exact finished pack. Raises on a conflicting OUT."""
+def _describe(listing: dict) -> str:
+    return f"{listing.get('files', '?')} files, {listing.get('bytes', 0) / 1e6:.1f} MB"
+
+
+def _same_listing(old: dict | None, new: dict) -> bool:
+    """Packs and markers written before listings were recorded have none: they match any listing."""
+    return not old or not new or old == new
+
+
+def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool, listing: dict | None = None) -> bool:
+    """Returns True when OUT already holds this exact finished pack. Raises on a conflicting OUT.
+    A pack's identity is SOURCE, the options and what SOURCE held (its listing fingerprint)."""
     store.check_writable()
+    listing = listing or {}
     identity = {"source": source, "options": opts.fingerprint()}
     if overwrite:
         for name in store.list():
@@ -332,18 +343,25 @@ def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool) 
     if store.exists(MANIFEST):
         previous = json.loads(store.read_bytes(MANIFEST))
         if {"source": previous.get("source"), "options": previous.get("options")} == identity:
+            if not _same_listing(previous.get("listing"), listing):
+                raise PackError(f"SOURCE {source} changed since {store.root} was packed ({_describe(previous['listing'])} "
+                                f"then, {_describe(listing)} now); pass --overwrite to repack, or choose a new OUT")  # fmt: skip
             return True
         raise PackError(f"{store.root} already holds a finished pack made with other options or SOURCE; "
                         "choose another OUT or pass --overwrite")  # fmt: skip
     marker = f"{STAGING}/pack.json"
     if store.exists(marker):
-        if json.loads(store.read_bytes(marker)) != identity:
+        started = json.loads(store.read_bytes(marker))
+        if {k: started.get(k) for k in identity} != identity:
             raise PackError(f"{store.root} holds an interrupted pack with other options or SOURCE; rerun "
                             "that exact command to resume it, or pass --overwrite to start over")  # fmt: skip
+        if not _same_listing(started.get("listing"), listing):  # resuming would mix two listings' chunks
+            raise PackError(f"SOURCE {source} changed since the interrupted pack in {store.root} started "
+                            f"({_describe(started['listing'])} then, {_describe(listing)} now); pass --overwrite to start over")  # fmt: skip
     else:
         if any(not n.startswith(".write-probe") for n in store.list()):
             raise PackError(f"{store.root} is not empty and holds no pack of ours; choose an empty OUT or pass --overwrite")
-        store.write_bytes_atomic(marker, json.dumps(identity).encode())
+        store.write_bytes_atomic(marker, json.dumps({**identity, "listing": listing}).encode())
     if not store.s3:  # temp files of a killed run
         for name in store.list():
             if ".tmp-" in name:
@@ -365,7 +383,7 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
                                  label_column=opts.label_column, limit_per_split=opts.limit_per_split,
                                  endpoint=endpoint, val_labels=opts.val_labels)  # fmt: skip
     store = Store(out, endpoint)
-    if _prepare_out(store, source, opts, overwrite):
+    if _prepare_out(store, source, opts, overwrite, corpus.listing):
         manifest = json.loads(store.read_bytes(MANIFEST))
         return {"status": "already complete", "out": out, "samples": sum(s["samples"] for s in manifest["splits"].values())}
 
@@ -403,7 +421,7 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
         "format": FORMAT, "classes": corpus.classes, "multi_label": corpus.multi_label, "splits": splits,
         "duplicates": len(plan.duplicates), "rejected": len(plan.rejected),
         "rejected_by_reason": dict(sorted(reasons.items())), "source": source,
-        "options": opts.fingerprint(), "versions": _versions(),
+        "options": opts.fingerprint(), "listing": corpus.listing, "versions": _versions(),
     }  # fmt: skip
     store.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the pack is complete
     if not keep_staging:

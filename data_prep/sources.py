@@ -59,6 +59,24 @@ class Corpus:
     multi_label: bool = False
     extra: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # {path, reason}: folders not walked; into rejected.jsonl
+    # What SOURCE held when listed: {"sha256", "files", "bytes"} over (name, size, mtime) of every file
+    # (S3: key, size, ETag; a manifest: its content). Part of a pack's identity (pack._prepare_out).
+    listing: dict = field(default_factory=dict)
+
+
+class _Listing:
+    """Accumulates the listing fingerprint; entries must be added in a deterministic (sorted) order."""
+
+    def __init__(self):
+        self.sha, self.files, self.bytes = hashlib.sha256(), 0, 0
+
+    def add(self, name: str, size: int, version) -> None:
+        self.sha.update(f"{name}\0{size}\0{version}\n".encode("utf-8", "surrogateescape"))
+        self.files += 1
+        self.bytes += size
+
+    def done(self) -> dict:
+        return {"sha256": self.sha.hexdigest(), "files": self.files, "bytes": self.bytes}
 
 
 def make_key(rel: str) -> str:
@@ -94,8 +112,13 @@ def load_corpus(source: str, *, classes_file: str | None = None, path_column: st
             corpus = _class_folders_local(path, _read_val_labels(val_labels) if val_labels else None, val_labels)
         elif path.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".parquet"):
             corpus = _manifest(path, classes_file, path_column, label_column)
+            listing = _Listing()  # the manifest's content (the files it names are not stat'ed)
+            listing.add(hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size, "content")
+            corpus.listing = listing.done() | {"files": len(corpus.items)}
         else:
             raise SourceError(f"SOURCE {source}: expected a directory, a .csv/.jsonl/.parquet manifest, s3://... or fashion-mnist")
+    if val_labels and corpus.listing:  # the labels of a flat val/ are part of what SOURCE says
+        corpus.listing["val_labels_sha256"] = hashlib.sha256(Path(val_labels).read_bytes()).hexdigest()
     if limit_per_split:
         seen: dict[str, int] = {}
         kept = []
@@ -199,6 +222,14 @@ def _class_folders_local(root: Path, val_labels: dict[str, str] | None = None, l
             rels.append(str((Path(dirpath) / f).relative_to(root)).replace(os.sep, "/"))
     corpus = _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}", val_labels, labels_file)
     corpus.skipped = skipped
+    listing = _Listing()  # one stat per file (ImageNet: 1.3M stats, seconds on a local disk)
+    for rel in sorted(rels):
+        try:
+            st = os.stat(root / rel)
+            listing.add(rel, st.st_size, st.st_mtime_ns)
+        except OSError:  # vanished or a broken link: the pack rejects it; the listing notes it
+            listing.add(rel, -1, 0)
+    corpus.listing = listing.done()
     return corpus
 
 
@@ -210,15 +241,18 @@ def _class_folders_s3(url: str, endpoint: str | None, val_labels: dict[str, str]
                       labels_file: str | None = None) -> Corpus:  # fmt: skip
     bucket, prefix = split_s3(url)
     client = s3_client(endpoint)
-    rels = []
+    rels, listing = [], _Listing()
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):
-            for obj in page.get("Contents", []):
+            for obj in page.get("Contents", []):  # keys come sorted
                 rels.append(obj["Key"][len(prefix) + 1 :] if prefix else obj["Key"])
+                listing.add(rels[-1], int(obj.get("Size", 0)), obj.get("ETag", ""))
     except Exception as e:  # noqa: BLE001 - one clear message for a bad SOURCE
         raise SourceError(f"SOURCE {url} cannot be listed: {type(e).__name__}: {e}") from e
     base = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-    return _build_folder_corpus(rels, lambda rel: f"{base}/{rel}", f"class folders {url}", val_labels, labels_file)
+    corpus = _build_folder_corpus(rels, lambda rel: f"{base}/{rel}", f"class folders {url}", val_labels, labels_file)
+    corpus.listing = listing.done()
+    return corpus
 
 
 # ---- manifests ---------------------------------------------------------------------------------

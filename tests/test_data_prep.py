@@ -331,6 +331,24 @@ def test_names_that_are_not_utf8_are_rejected_with_an_escaped_name(tmp_path):
     assert paths == ["train/cat/b\\xe9d.jpg", "train/d\\xffg/x.jpg"]
 
 
+def test_a_changed_source_is_named_not_skipped_or_mixed(tmp_path):
+    """A pack's identity includes what SOURCE held (names, sizes, mtimes): images added after a pack
+    once made a rerun say 'nothing to do', and a resume after a change silently dropped items."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_class_folders(src, per_class=2, splits=None)
+    assert run_cli("pack", str(src), str(out), "--no-progress", "--keep-staging").returncode == 0
+    assert "nothing to do" in run_cli("pack", str(src), str(out), "--no-progress").stdout  # unchanged
+    save(rand_image(77), src / "cat" / "new.jpg")
+    r = run_cli("pack", str(src), str(out), "--no-progress", check=False)
+    assert r.returncode == 2 and "changed since" in r.stderr and "(6 files, " in r.stderr and "then, 7 files, " in r.stderr, r.stderr
+    # an interrupted pack (no manifest yet) whose SOURCE then changed is not resumed into a mix
+    (out / "manifest.json").unlink()
+    r = run_cli("pack", str(src), str(out), "--no-progress", check=False)
+    assert r.returncode == 2 and "changed since the interrupted pack" in r.stderr, r.stderr
+    run_cli("pack", str(src), str(out), "--no-progress", "--overwrite")
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["samples"] == 7
+
+
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
