@@ -41,11 +41,14 @@ def s3_endpoint(endpoint: str | None = None) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def s3_client(endpoint: str | None = None):
-    """A boto3 S3 client with retries; cached per process (Ray/multiprocessing workers make their own)."""
+    """A boto3 S3 client with retries; cached per process (Ray/multiprocessing workers make their own).
+    NFNET_S3_MAX_ATTEMPTS (default 10) bounds botocore's own retries per request; the loader's reader
+    waits out longer outages itself (pipeline/data/s3io.py, data.s3_retry_s)."""
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"max_attempts": 10, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+    attempts = int(os.environ.get("NFNET_S3_MAX_ATTEMPTS", "10"))
+    cfg = Config(retries={"max_attempts": attempts, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
     return boto3.session.Session().client("s3", endpoint_url=s3_endpoint(endpoint), config=cfg)
 
 

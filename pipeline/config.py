@@ -60,6 +60,10 @@ class DataConfig:
     # GIL, so with light augmentation `workers=0, decode_threads=N` decodes in the training
     # process itself and skips the shared-memory hand-over (docs/data-loading.md, "Speed").
     decode_threads: int = 0
+    # An S3 outage is waited out (exponential backoff, at most 30 s a wait) for this long, then the
+    # step fails and Ray Train restores the last checkpoint: the epoch stays exact.
+    s3_retry_s: float = 600.0
+    substitute_on_s3_outage: bool = False  # instead: replace unreadable samples (counted in data/bad_samples)
     prefetch: int = 2
     shuffle_window: int = 4096
     s3_endpoint: str = ""
@@ -201,6 +205,9 @@ RESUME_SAFE_KEYS = frozenset({
     # function of (seed, epoch, slot, batch) (pipeline/data/loader.py), so the worker count does not
     # change the batches; decoding draws no random numbers, so decode threads do not either.
     "data.workers", "data.prefetch", "data.decode_threads",
+    # How long an S3 outage is waited out; whether it substitutes samples instead of failing the step
+    # (only during an outage, and counted).
+    "data.s3_retry_s", "data.substitute_on_s3_outage",
     # Held-out evaluation only: what it is evaluated on and at which resolution; training never reads them.
     "data.eval_split", "aug.eval_res", "aug.eval_crop", "aug.eval_pad",
 })  # fmt: skip

@@ -238,3 +238,60 @@ def test_evaluation_decodes_at_the_resize_target_not_below(tmp_path):
         assert decode(jpg, 288).shape[-1] == 560 and decode(jpg, 280).shape[-1] == 280  # DCT scale 1 vs 1/2
         assert torch.equal(batch["image"][0], tf(decode(jpg, 288))), crop
         assert not torch.equal(batch["image"][0], tf(decode(jpg, 280))), crop  # what it did before
+
+
+@pytest.mark.parametrize("substitute", [False, True])
+def test_an_s3_outage_fails_the_step_unless_substitution_is_asked_for(tmp_path, monkeypatch, substitute):
+    """An outage longer than data.s3_retry_s raises S3Unavailable (the step fails; Ray Train restores the
+    last checkpoint), so the epoch stays exact; with data.substitute_on_s3_outage the missing samples
+    are counted in the batch's `bad` instead. The old reader gave up after ~13 s and substituted."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port
+
+    from pipeline.data.s3io import S3Unavailable
+
+    port = free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    # one botocore attempt per request: the reader's own retry time is what is under test
+    for k, v in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                     AWS_ENDPOINT_URL=endpoint, NFNET_S3_MAX_ATTEMPTS="1").items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        from data_prep.storage import s3_client
+
+        s3_client(endpoint).create_bucket(Bucket="outage")
+        url = "s3://outage/pack"
+        pack("fashion-mnist", url, PackOptions(samples_per_shard=10, limit_per_split=30, heldout_fraction=0.0),
+             endpoint=endpoint, progress=False)  # fmt: skip
+        aug = AugmentConfig(eval_res=16, eval_pad=0)
+        dl = eval_loader(url, "train", 10, 0, 1, aug, workers=0, endpoint=endpoint, s3_retry_s=2.0,
+                         substitute_on_s3_outage=substitute)[0]  # fmt: skip
+        it = iter(dl)
+        assert next(it)["bad"] == 0  # shard 0 read while S3 is up
+        server.kill()
+        server.wait()
+        t0 = time.monotonic()
+        if substitute:
+            assert next(it)["bad"] == 10  # shard 1 unreachable: all 10 samples substituted and counted
+        else:
+            with pytest.raises(S3Unavailable, match=r"S3 unreachable for \d+ s \(data.s3_retry_s=2\)"):
+                next(it)
+        waited = time.monotonic() - t0
+        assert 2.0 <= waited < 30, waited  # the outage was waited out first, then given up on
+    finally:
+        server.kill()

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_prep.manifest import ManifestError, ShardInfo, load_manifest, shards_of
 from data_prep.storage import Store
 
-from . import s3io  # noqa: F401 - registers the s3:// opener before workers fork
+from . import s3io  # registers the s3:// opener before workers fork
 from .augment import AugmentConfig, EvalTransform, TrainAugment, decode
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,9 @@ class _ShardReader:
     bandwidth for request latency; streaming keeps one GET per shard.
     """
 
-    def __init__(self, root: str, endpoint: str | None):
+    def __init__(self, root: str, endpoint: str | None, retry_s: float = s3io.DEFAULT_RETRY_S, substitute_outage: bool = False):
         self.store = Store(root, endpoint)
-        self.endpoint = endpoint
+        self.endpoint, self.retry_s, self.substitute_outage = endpoint, retry_s, substitute_outage
         self._name, self._it, self._next = None, None, 0
         self._file_name, self._file = None, None
 
@@ -148,7 +148,7 @@ class _ShardReader:
     def _open(self, shard: ShardInfo) -> None:
         from webdataset import tariterators
 
-        stream = tariterators.url_opener([{"url": self.store.url(shard.name)}], endpoint=self.endpoint)
+        stream = tariterators.url_opener([{"url": self.store.url(shard.name)}], endpoint=self.endpoint, retry_s=self.retry_s)
         self._name, self._it, self._next = shard.name, tariterators.group_by_keys(tariterators.tar_file_expander(stream)), 0
 
     def read(self, shard: ShardInfo, offsets: set[int]) -> dict[int, dict]:
@@ -166,6 +166,8 @@ class _ShardReader:
                 self._next += 1
         except Exception as e:  # noqa: BLE001 - a truncated/corrupt shard: keep what was read, count the rest
             self._name = None
+            if isinstance(e, s3io.S3Unavailable) and not self.substitute_outage:
+                raise  # an outage is not bad data: fail the step; Ray Train restores the last checkpoint
             if not isinstance(e, StopIteration) or len(out) < len(offsets):
                 log.warning("shard %s unreadable after %d samples (%s: %s); missing samples are skipped and counted",
                             shard.name, self._next, type(e).__name__, e)  # fmt: skip
@@ -178,6 +180,8 @@ class _Stream(IterableDataset):
     def __init__(self, root: str, split: str, endpoint: str | None, decode_threads: int = 0):
         super().__init__()
         self.root, self.split, self.endpoint, self.decode_threads = root, split, endpoint, decode_threads
+        # data.s3_retry_s / data.substitute_on_s3_outage; set by train_loader / eval_loader
+        self.s3_retry_s, self.substitute_outage = s3io.DEFAULT_RETRY_S, False
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
         manifest = load_manifest(root, endpoint)
         self.classes = manifest["classes"]
@@ -301,7 +305,7 @@ class TrainStream(_Stream):
             if slot not in cached or cached[slot][0] != (epoch, w):
                 perm = self.window_positions(epoch, slot, w)  # batch k of the window = perm[i*b:(i+1)*b]
                 mine = [perm[(kk - w * per_window) * b : (kk - w * per_window + 1) * b] for kk in self._mine(epoch, slot, w, wid, nw)]
-                reader = readers.setdefault(slot, _ShardReader(self.root, self.endpoint))
+                reader = readers.setdefault(slot, _ShardReader(self.root, self.endpoint, self.s3_retry_s, self.substitute_outage))
                 cached[slot] = ((epoch, w), perm, self._fetch(reader, self._locate(order, np.sort(np.concatenate(mine)))))
             i = k - w * per_window
             locs = self._locate(order, cached[slot][1][i * b : (i + 1) * b])
@@ -346,7 +350,7 @@ class EvalStream(_Stream):
 
     def __iter__(self):
         wid, nw = self._worker()
-        reader = _ShardReader(self.root, self.endpoint)
+        reader = _ShardReader(self.root, self.endpoint, self.s3_retry_s, self.substitute_outage)
         transform = EvalTransform(self.aug)
         order = np.arange(len(self.shards))
         res = self.aug.eval_res
@@ -379,8 +383,10 @@ def _loader(ds: IterableDataset, workers: int, prefetch: int) -> DataLoader:
 
 
 def train_loader(root: str, layout: Layout, rank: int, aug: AugmentConfig, *, workers: int = 2, prefetch: int = 2,
-                 check: bool = True, **kw) -> tuple[DataLoader, TrainStream]:  # fmt: skip
+                 check: bool = True, s3_retry_s: float = s3io.DEFAULT_RETRY_S, substitute_on_s3_outage: bool = False,
+                 **kw) -> tuple[DataLoader, TrainStream]:  # fmt: skip
     ds = TrainStream(root, layout, rank, aug, **kw)
+    ds.s3_retry_s, ds.substitute_outage = s3_retry_s, substitute_on_s3_outage
     if check:
         check_shards(root, ds.shards, ds.endpoint)
     return _loader(ds, workers, prefetch), ds
@@ -388,8 +394,10 @@ def train_loader(root: str, layout: Layout, rank: int, aug: AugmentConfig, *, wo
 
 def eval_loader(root: str, split: str, batch: int, rank: int, world: int, aug: AugmentConfig, *, workers: int = 2,
                 prefetch: int = 2, endpoint: str | None = None, check: bool = True, decode_threads: int = 0,
+                s3_retry_s: float = s3io.DEFAULT_RETRY_S, substitute_on_s3_outage: bool = False,
                 ) -> tuple[DataLoader, EvalStream]:  # fmt: skip
     ds = EvalStream(root, split, batch, rank, world, aug, endpoint, decode_threads)
+    ds.s3_retry_s, ds.substitute_outage = s3_retry_s, substitute_on_s3_outage
     if check:
         check_shards(root, ds.shards, endpoint)
     return _loader(ds, workers, prefetch), ds

@@ -14,27 +14,37 @@ import time
 from data_prep.storage import s3_client, split_s3
 
 log = logging.getLogger(__name__)
-TRANSIENT_RETRIES = 6
+DEFAULT_RETRY_S = 600.0  # data.s3_retry_s: how long an outage is waited out before the step fails
+MAX_DELAY_S = 30.0
+
+
+class S3Unavailable(OSError):
+    """S3 stayed unreachable for the whole retry time: the training step fails (Ray Train restores the
+    last checkpoint) instead of substituting samples, unless data.substitute_on_s3_outage is set."""
 
 
 class S3ReadStream(io.RawIOBase):
-    """Sequential reader of one object. A read that fails mid-stream (reset connection, timeout)
-    re-opens the object at the current offset with exponential backoff (0.2 s ... 6.4 s)."""
+    """Sequential reader of one object. A read that fails (reset connection, timeout, 5xx) re-opens
+    the object at the current offset with exponential backoff (0.2 s doubling, at most 30 s a wait)
+    for up to `retry_s` seconds of continuous failure (an outage of minutes is waited out; the old
+    fixed 6 retries gave up after ~13 s and the loader substituted samples)."""
 
-    def __init__(self, url: str, endpoint: str | None = None):
+    def __init__(self, url: str, endpoint: str | None = None, retry_s: float = DEFAULT_RETRY_S):
         super().__init__()
-        self.url, self.endpoint = url, endpoint
+        self.url, self.endpoint, self.retry_s = url, endpoint, retry_s
         self.bucket, self.key = split_s3(url)
-        self.pos, self.body = 0, None
+        self.pos, self.body, self._failing_since = 0, None, None
         self._open()
 
     def _open(self) -> None:
         from botocore.exceptions import ClientError
 
-        for attempt in range(TRANSIENT_RETRIES + 1):
+        attempt = 0
+        while True:
             try:
                 extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
                 self.body = s3_client(self.endpoint).get_object(Bucket=self.bucket, Key=self.key, **extra)["Body"]
+                self._failing_since = None
                 return
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
@@ -43,11 +53,17 @@ class S3ReadStream(io.RawIOBase):
                 self._backoff(attempt, e)
             except Exception as e:  # noqa: BLE001 - connection errors of every flavour
                 self._backoff(attempt, e)
+            attempt += 1
 
     def _backoff(self, attempt: int, err: Exception) -> None:
-        if attempt >= TRANSIENT_RETRIES:
-            raise OSError(f"{self.url}: giving up after {attempt + 1} attempts: {err}") from err
-        delay = 0.2 * 2**attempt
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        waited = now - self._failing_since
+        if waited >= self.retry_s:
+            raise S3Unavailable(f"{self.url}: S3 unreachable for {waited:.0f} s (data.s3_retry_s={self.retry_s:g}): "
+                                f"{type(err).__name__}: {err}") from err  # fmt: skip
+        delay = min(0.2 * 2**attempt, MAX_DELAY_S, self.retry_s - waited)
         log.warning("S3 read of %s failed at byte %d (%s); retrying in %.1f s", self.url, self.pos, err, delay)
         time.sleep(delay)
 
@@ -55,17 +71,19 @@ class S3ReadStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        for attempt in range(TRANSIENT_RETRIES + 1):
+        attempt = 0
+        while True:
             try:
                 data = self.body.read(len(buffer))
                 n = len(data)
                 buffer[:n] = data
                 self.pos += n
+                self._failing_since = None
                 return n
             except Exception as e:  # noqa: BLE001
                 self._backoff(attempt, e)
                 self._open()
-        return 0
+            attempt += 1
 
     def close(self) -> None:
         if self.body is not None:
@@ -76,7 +94,8 @@ class S3ReadStream(io.RawIOBase):
 def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     if mode != "rb":
         raise ValueError(f"{url}: the s3 opener only reads (mode {mode!r})")
-    return io.BufferedReader(S3ReadStream(url, kw.get("endpoint")), buffer_size=max(bufsize, 1 << 20))
+    return io.BufferedReader(S3ReadStream(url, kw.get("endpoint"), kw.get("retry_s", DEFAULT_RETRY_S)),
+                             buffer_size=max(bufsize, 1 << 20))  # fmt: skip
 
 
 def register() -> None:

@@ -115,7 +115,8 @@ class TrainRun:
         self.train_dl, self.train_ds = train_loader(
             cfg.data.root, layout, self.rank, cfg.aug, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
             split=cfg.data.train_split, seed=cfg.run.seed, start_step=start, shuffle_window=cfg.data.shuffle_window,
-            endpoint=self.endpoint, decode_threads=cfg.data.decode_threads,
+            endpoint=self.endpoint, decode_threads=cfg.data.decode_threads, s3_retry_s=cfg.data.s3_retry_s,
+            substitute_on_s3_outage=cfg.data.substitute_on_s3_outage,
         )  # fmt: skip
         self.total_steps = cfg.total_steps(self.train_ds.total, self.flops_per_image)
         steps_per_epoch = self.train_ds.total / cfg.schedule.global_batch
@@ -241,7 +242,8 @@ class TrainRun:
     def _eval_loader(self):
         d = self.cfg.data
         return eval_loader(d.root, d.eval_split, self.cfg.schedule.micro_batch, self.rank, self.world, self.cfg.aug,
-                           workers=d.workers, endpoint=self.endpoint, decode_threads=d.decode_threads)[0]  # fmt: skip
+                           workers=d.workers, endpoint=self.endpoint, decode_threads=d.decode_threads,
+                           s3_retry_s=d.s3_retry_s, substitute_on_s3_outage=d.substitute_on_s3_outage)[0]  # fmt: skip
 
     def _evaluate(self, step: int) -> dict:
         cfg = self.cfg
