@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections import Counter
 
 from .images import ImageOptions
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-read every shard and check counts and sha256 against the manifest")
     p.add_argument("out", help="a pack's OUT (local or s3://)")
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine reading shards in parallel")
+    p.add_argument("--ray", action="store_true", help="read the shards as Ray tasks (RAY_ADDRESS, --ray-address, or a local one)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address for --ray (default: RAY_ADDRESS or auto)")
     _add_s3(p)
 
     p = sub.add_parser("inspect", help="counts per split and class, sizes, rejected reasons")
@@ -95,13 +99,17 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    n_shards, n_samples, problems = verify(a.out, a.s3_endpoint)
+    t0 = time.time()
+    n_shards, n_samples, problems = verify(a.out, a.s3_endpoint, a.workers, a.ray, a.ray_address)
+    wall = max(time.time() - t0, 1e-9)
+    size = sum(s["bytes"] for info in load_manifest(a.out, a.s3_endpoint)["splits"].values() for s in info["shards"])
+    rate = f"{size / 1e6 / wall:.1f} MB/s, {n_samples / wall:.0f} samples/s in {wall:.1f} s"
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {a.out}", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    print(f"OK: {n_shards} shards, {n_samples} samples match {a.out}/manifest.json")
+    print(f"OK: {n_shards} shards, {n_samples} samples match {a.out}/manifest.json ({rate})")
     return 0
 
 

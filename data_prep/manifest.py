@@ -115,17 +115,24 @@ def verify_shard(store: Store, shard: ShardInfo) -> list[str]:
     return out
 
 
-def verify(root: str, endpoint: str | None = None) -> tuple[int, int, list[str]]:
-    """(shards checked, samples, problems) for every shard of every split."""
+def _verify_task(root: str, endpoint: str | None, shard: ShardInfo) -> dict:
+    return {"problems": verify_shard(Store(root, endpoint), shard), "bytes": shard.bytes}
+
+
+def verify(root: str, endpoint: str | None = None, workers: int = 1, use_ray: bool = False,
+           ray_address: str | None = None) -> tuple[int, int, list[str]]:  # fmt: skip
+    """(shards checked, samples, problems) for every shard of every split; shards are re-read in
+    `workers` processes or as Ray tasks (each task gets its shard's record, not the manifest)."""
+    from .tasks import run_tasks
+
     manifest = load_manifest(root, endpoint)
-    store = Store(root, endpoint)
-    problems, n_shards, n_samples = [], 0, 0
+    problems, shards = [], []
     for split, info in sorted(manifest["splits"].items()):
-        shards = shards_of(manifest, split)
-        if sum(s.samples for s in shards) != info["samples"]:
-            problems.append(f"split {split}: shard counts add to {sum(s.samples for s in shards)}, manifest says {info['samples']}")
-        for shard in shards:
-            problems += verify_shard(store, shard)
-            n_shards += 1
-            n_samples += shard.samples
-    return n_shards, n_samples, problems
+        split_shards = shards_of(manifest, split)
+        if sum(s.samples for s in split_shards) != info["samples"]:
+            problems.append(f"split {split}: shard counts add to {sum(s.samples for s in split_shards)}, manifest says {info['samples']}")
+        shards += split_shards
+    results = run_tasks(_verify_task, [(root, endpoint, s) for s in shards], workers, use_ray, ray_address, lambda r: None)
+    for r in results:
+        problems += r["problems"]
+    return len(shards), sum(s.samples for s in shards), problems

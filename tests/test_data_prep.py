@@ -121,6 +121,8 @@ def test_verify_names_the_bad_shard(zoo, tmp_path):
     assert r.returncode == 1
     assert "train-000001.tar: sha256" in r.stderr and "val-000000.tar: missing" in r.stderr
     assert "train-000000.tar" not in r.stderr
+    parallel = run_cli("verify", str(out), "--workers", "2", check=False)  # the same report from 2 processes
+    assert parallel.returncode == 1 and parallel.stderr.splitlines()[1:] == r.stderr.splitlines()[1:]
 
 
 def test_resize_and_reencode(tmp_path):
@@ -397,3 +399,7 @@ def test_ray_pack_on_local_cluster_matches_local(tmp_path, ray_cluster):
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("local", "ray"))
     assert a["splits"] == b["splits"] and b["splits"]["train"]["samples"] + b["splits"]["heldout"]["samples"] == 24
+    v = subprocess.run([sys.executable, "-m", "data_prep", "verify", str(tmp_path / "ray"), "--ray", "--ray-address",
+                        ray_cluster["address"]], capture_output=True, text=True, cwd=REPO, env=ray_cluster["env"])  # fmt: skip
+    total = sum(s["samples"] for s in b["splits"].values())
+    assert v.returncode == 0 and f"shards, {total} samples match" in v.stdout and "MB/s" in v.stdout, v.stderr[-2000:]
