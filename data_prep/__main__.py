@@ -117,7 +117,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     m = load_manifest(a.out, a.s3_endpoint)
     store = Store(a.out, a.s3_endpoint)
     if a.json:
-        print(json.dumps({k: v for k, v in m.items() if k != "splits"} | {
+        print(json.dumps({k: v for k, v in m.items() if k != "splits" and not k.startswith("_")} | {
             "splits": {s: {k: v for k, v in info.items() if k != "shards"} | {"shards": len(info["shards"])}
                        for s, info in m["splits"].items()}}, indent=1))  # fmt: skip
         return 0

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import ImageOptions, Reject, encode_image
-from .manifest import DUPLICATES, FORMAT, MANIFEST, REJECTED
+from .manifest import DUPLICATES, FORMAT, MANIFEST, REJECTED, write_offsets
 from .sources import Corpus, SourceItem, TooLarge, load_corpus, read_item_bytes
 from .storage import Store, split_s3
 from .tasks import run_tasks
@@ -392,6 +392,7 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
         "rejected_by_reason": dict(sorted(reasons.items())), "source": source,
         "options": opts.fingerprint(), "listing": corpus.listing, "versions": _versions(),
     }  # fmt: skip
+    write_offsets(store, manifest, {i["name"]: i["offsets"] for i in infos})  # the sidecar, before the manifest
     store.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the pack is complete
     if not keep_staging:
         store.delete_tree(STAGING)

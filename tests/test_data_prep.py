@@ -371,7 +371,8 @@ def test_s3_output_and_s3_source(tmp_path, s3_server, s3_bucket):
     m = load_manifest(out, s3_server)
     assert m["splits"]["train"]["samples"] == 12 and m["rejected"] == 1
     store = Store(out, s3_server)
-    assert store.list() == ["duplicates.jsonl", "manifest.json", "rejected.jsonl", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert store.list() == ["duplicates.jsonl", "manifest.json", "offsets.npy", "rejected.jsonl", "train-000000.tar", "train-000001.tar",
+                            "train-000002.tar"]  # fmt: skip
     assert main(["verify", out, "--s3-endpoint", s3_server]) == 0
     # a class-folder corpus under an s3:// prefix as SOURCE gives the same shards as the local copy
     src_store = Store(f"s3://{s3_bucket}/corpus", s3_server)
