@@ -3,7 +3,7 @@
 Written last by `pack`; read by `verify`, `inspect`, the training loader, the trainer's compute
 accounting and the scaling fits. Layout:
 
-    {"format": "nfnet-scale/wds-v1",
+    {"format": "nfnet-scale/wds-v2",
      "classes": ["cat", "dog", ...],            # index = label
      "multi_label": false,
      "splits": {"train": {"samples": 1000, "class_counts": [..], "shards": [
@@ -32,7 +32,8 @@ import numpy as np
 
 from .storage import Store
 
-FORMAT = "nfnet-scale/wds-v1"
+FORMAT = "nfnet-scale/wds-v2"  # v2: offsets in the offsets.npy sidecar (shard records carry "offsets_at")
+READABLE = ("nfnet-scale/wds-v1", FORMAT)  # v1 packs (inline offsets) still load
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 DUPLICATES = "duplicates.jsonl"
@@ -95,8 +96,8 @@ def load_manifest(root: str, endpoint: str | None = None) -> dict:
     if not store.exists(MANIFEST):
         raise ManifestError(f"{store.url(MANIFEST)} not found: not a data_prep output, or the pack did not finish (rerun it to resume)")
     manifest = json.loads(store.read_bytes(MANIFEST))
-    if manifest.get("format") != FORMAT:
-        raise ManifestError(f"{store.url(MANIFEST)}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READABLE:
+        raise ManifestError(f"{store.url(MANIFEST)}: unknown format {manifest.get('format')!r}, expected one of {list(READABLE)}")
     offsets = _load_offsets(store, manifest)
     if offsets is not None:  # not JSON: a key no JSON dump of the manifest should include
         manifest["_offsets"] = offsets

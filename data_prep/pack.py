@@ -314,7 +314,8 @@ def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool, 
         if {"source": previous.get("source"), "options": previous.get("options")} == identity:
             if not _same_listing(previous.get("listing"), listing):
                 raise PackError(f"SOURCE {source} changed since {store.root} was packed ({_describe(previous['listing'])} "
-                                f"then, {_describe(listing)} now); pass --overwrite to repack, or choose a new OUT")  # fmt: skip
+                                f"then, {_describe(listing)} now); pass --overwrite to repack (fine-tuning: delete "
+                                f"{store.root}), or choose a new OUT")  # fmt: skip
             return True
         raise PackError(f"{store.root} already holds a finished pack made with other options or SOURCE; "
                         "choose another OUT or pass --overwrite")  # fmt: skip
@@ -368,6 +369,10 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
     bar.close()
 
     records = [json.loads(store.read_bytes(f"{STAGING}/chunk-{i:06d}.json")) for i in range(len(chunks))]
+    for i in sorted(done):  # encoded by an earlier run: same items, same labels (else two listings would mix)
+        if [(r["key"], r["labels"]) for r in records[i]] != [(it.key, list(it.labels)) for it in chunks[i]]:
+            raise PackError(f"{store.root}: staging chunk {i} was encoded from another listing or labelling of SOURCE "
+                            f"{source}; pass --overwrite to start over")  # fmt: skip
     plan = make_plan(records, len(corpus.classes), opts)
     bar = tqdm(total=len(plan.shards), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     infos = run_tasks(build_shard, [(out, endpoint, s["name"], s["members"]) for s in plan.shards],

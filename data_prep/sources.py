@@ -59,8 +59,9 @@ class Corpus:
     multi_label: bool = False
     extra: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # {path, reason}: folders not walked; into rejected.jsonl
-    # What SOURCE held when listed: {"sha256", "files", "bytes"} over (name, size, mtime) of every file
+    # What SOURCE held when listed: {"sha256", "files", "bytes"} over (name, size) of every visible file
     # (S3: key, size, ETag; a manifest: its content). Part of a pack's identity (pack._prepare_out).
+    # Not mtimes: a copy without -p (or a re-staging to node-local disk) changes them, not the corpus.
     listing: dict = field(default_factory=dict)
 
 
@@ -119,6 +120,8 @@ def load_corpus(source: str, *, classes_file: str | None = None, path_column: st
             raise SourceError(f"SOURCE {source}: expected a directory, a .csv/.jsonl/.parquet manifest, s3://... or fashion-mnist")
     if val_labels and corpus.listing:  # the labels of a flat val/ are part of what SOURCE says
         corpus.listing["val_labels_sha256"] = hashlib.sha256(Path(val_labels).read_bytes()).hexdigest()
+    if classes_file and corpus.listing:  # so is the class list that maps labels to indices
+        corpus.listing["classes_sha256"] = hashlib.sha256(Path(classes_file).read_bytes()).hexdigest()
     if limit_per_split:
         seen: dict[str, int] = {}
         kept = []
@@ -223,12 +226,11 @@ def _class_folders_local(root: Path, val_labels: dict[str, str] | None = None, l
     corpus = _build_folder_corpus(rels, lambda rel: str(root / rel), f"class folders {root}", val_labels, labels_file)
     corpus.skipped = skipped
     listing = _Listing()  # one stat per file (ImageNet: 1.3M stats, seconds on a local disk)
-    for rel in sorted(rels):
+    for rel in sorted(r for r in rels if not any(p.startswith(".") for p in r.split("/"))):  # what the corpus sees
         try:
-            st = os.stat(root / rel)
-            listing.add(rel, st.st_size, st.st_mtime_ns)
+            listing.add(rel, os.stat(root / rel).st_size, "")
         except OSError:  # vanished or a broken link: the pack rejects it; the listing notes it
-            listing.add(rel, -1, 0)
+            listing.add(rel, -1, "")
     corpus.listing = listing.done()
     return corpus
 
@@ -335,7 +337,7 @@ def _manifest(path: Path, classes_file: str | None, path_column: str | None, lab
     elif integer_mode:
         classes = [str(i) for i in range(max(x for x in flat if isinstance(x, int)) + 1)]
     else:
-        classes = sorted({str(x) for x in flat})
+        classes = sorted({x for x in flat if isinstance(x, str)})
     index = {c: i for i, c in enumerate(classes)}
 
     items = []
@@ -350,7 +352,12 @@ def _manifest(path: Path, classes_file: str | None, path_column: str | None, lab
                 reject = f"label {x!r} in row {n} of {path.name} is not an integer class index (the column holds integers)"
                 break
             if isinstance(x, int) and not integer_mode and not classes_file:
-                x = str(x)  # a numeric class name among names
+                reject = (f"label {x} in row {n} of {path.name} is a number among class names "
+                          "(pass --classes FILE to map numbers and names)")  # fmt: skip
+                break
+            if isinstance(x, list):
+                reject = f"nested label list {x!r} in row {n} of {path.name}"
+                break
             i = index.get(x) if isinstance(x, str) else (x if isinstance(x, int) and 0 <= x < len(classes) else None)
             if i is None:
                 reject = f"unknown label {x!r} in row {n} of {path.name}"

@@ -214,8 +214,11 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, kill_when):
     for shard in out.glob("*.tar"):
         with tarfile.open(shard) as tar:
             assert len(tar.getmembers()) % 3 == 0
-    if kill_when == "writing shards":  # a finished shard emptied afterwards: its sidecar must not vouch for it
-        (out / "train-000001.tar").write_bytes(b"")
+    if kill_when == "writing shards":  # a finished shard altered afterwards, same size: its sidecar must not vouch for it
+        victim = out / "train-000001.tar"
+        data = bytearray(victim.read_bytes())
+        data[700] ^= 0xFF
+        victim.write_bytes(bytes(data))
     subprocess.run(_pack_cmd(out), check=True, cwd=REPO, capture_output=True)
     assert json.loads((out / "manifest.json").read_text()) == json.loads((ref / "manifest.json").read_text())
     assert "OK" in run_cli("verify", str(out)).stdout
@@ -279,7 +282,7 @@ def test_missing_and_bad_label_cells_are_rejected_by_row(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\ni0.jpg,0\ni1.jpg,\ni2.jpg,cat\ni3.jpg,1\ni4.jpg,2\n")
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in (
         {"path": "i0.jpg", "label": "cat"}, {"path": "i1.jpg", "label": None}, {"path": "i2.jpg"},
-        {"path": "i3.jpg", "label": "dog"}, {"path": "i4.jpg", "label": "[1, 2"})) + "\n")  # fmt: skip
+        {"path": "i3.jpg", "label": "dog"}, {"path": "i4.jpg", "label": "[1, 2"}, {"path": "i0.jpg", "label": 7})) + "\n")  # fmt: skip
     pack(str(tmp_path / "m.csv"), str(tmp_path / "o1"), PackOptions(samples_per_shard=10), progress=False)
     m = json.loads((tmp_path / "o1" / "manifest.json").read_text())
     assert m["classes"] == ["0", "1", "2"] and m["splits"]["train"]["samples"] == 3
@@ -290,9 +293,10 @@ def test_missing_and_bad_label_cells_are_rejected_by_row(tmp_path):
     m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
     assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["samples"] == 2
     reasons = sorted(json.loads(x)["reason"] for x in (tmp_path / "o2" / "rejected.jsonl").read_text().splitlines())
-    assert reasons[0] == "missing label (empty 'label') in row 2 of m.jsonl"
-    assert reasons[1] == "missing label (empty 'label') in row 3 of m.jsonl"
-    assert reasons[2].startswith("unparsable label '[1, 2' in row 5 of m.jsonl")
+    assert reasons[0] == "label 7 in row 6 of m.jsonl is a number among class names (pass --classes FILE to map numbers and names)"
+    assert reasons[1] == "missing label (empty 'label') in row 2 of m.jsonl"
+    assert reasons[2] == "missing label (empty 'label') in row 3 of m.jsonl"
+    assert reasons[3].startswith("unparsable label '[1, 2' in row 5 of m.jsonl")
 
 
 def test_symlinked_class_folders_are_followed_and_loops_recorded(tmp_path):

@@ -37,33 +37,37 @@ class S3ReadStream(io.RawIOBase):
         self._open()
 
     def _open(self) -> None:
+        """GET from the current offset. Does not reset the failure clock: only bytes read do (a server
+        that answers GETs but drops every body is still an outage)."""
         from botocore.exceptions import ClientError
 
         attempt = 0
         while True:
+            started = time.monotonic()  # the clock starts before botocore's own retries of this call
             try:
                 extra = {"Range": f"bytes={self.pos}-"} if self.pos else {}
                 self.body = s3_client(self.endpoint).get_object(Bucket=self.bucket, Key=self.key, **extra)["Body"]
-                self._failing_since = None
                 return
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
-                if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
+                # The shards were checked at start: a missing key is lost data (counted); a 403 may be
+                # an auth backend that is down, so it is retried like any outage.
+                if code in ("NoSuchKey", "404", "NoSuchBucket"):
                     raise FileNotFoundError(f"{self.url}: {code}") from e
-                self._backoff(attempt, e)
+                self._backoff(attempt, e, started)
             except Exception as e:  # noqa: BLE001 - connection errors of every flavour
-                self._backoff(attempt, e)
+                self._backoff(attempt, e, started)
             attempt += 1
 
-    def _backoff(self, attempt: int, err: Exception) -> None:
+    def _backoff(self, attempt: int, err: Exception, started: float) -> None:
         now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since = now
+            self._failing_since = started
         waited = now - self._failing_since
         if waited >= self.retry_s:
             raise S3Unavailable(f"{self.url}: S3 unreachable for {waited:.0f} s (data.s3_retry_s={self.retry_s:g}): "
                                 f"{type(err).__name__}: {err}") from err  # fmt: skip
-        delay = min(0.2 * 2**attempt, MAX_DELAY_S, self.retry_s - waited)
+        delay = min(0.2 * 2 ** min(attempt, 10), MAX_DELAY_S, self.retry_s - waited)
         log.warning("S3 read of %s failed at byte %d (%s); retrying in %.1f s", self.url, self.pos, err, delay)
         time.sleep(delay)
 
@@ -73,15 +77,17 @@ class S3ReadStream(io.RawIOBase):
     def readinto(self, buffer) -> int:
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
                 data = self.body.read(len(buffer))
                 n = len(data)
                 buffer[:n] = data
                 self.pos += n
-                self._failing_since = None
+                if n:  # progress: the outage (if any) is over
+                    self._failing_since = None
                 return n
             except Exception as e:  # noqa: BLE001
-                self._backoff(attempt, e)
+                self._backoff(attempt, e, started)
                 self._open()
             attempt += 1
 
