@@ -1,6 +1,6 @@
 """Training-loader throughput against (a) the JPEG decode ceiling and (b) ImageFolder + DataLoader.
 
-    python bench/loader.py [--images 2048] [--workers 2] [--res 224]
+    python bench/loader.py [--images 2048] [--workers 2] [--res 224] [--s3]
 
 Corpus: photo-like JPEGs (bench/pack.py's generator), packed by data_prep into shards at 256 px
 (shorter side) and also written as class-folder files. All run in this one invocation on the same
@@ -17,6 +17,15 @@ cores:
              the uint8 tensors (DM's order), label smoothing; same parameters as ours;
   folder+  : ImageFolder + DataLoader running our own TrainAugment, to separate what the loader
              gains from what our augmentation engineering gains.
+
+--s3 (instead of the above): the shards on moto's S3 server behind a counting proxy
+(tests/s3_counting.py). Four epochs at 1, 2 and 4 loader workers (the loader's prefetch into the
+next epoch is a few windows, spread over four), augmentation off, print bytes
+fetched per epoch / shard bytes, GET and HEAD requests per epoch and img/s; the baseline in the
+same invocation is the same loader streaming whole shards (the path packs without offsets take).
+moto answers each request in a few ms of this machine's two cores, which the loader shares, so the
+img/s here are request-bound: ranged reads send up to one GET per sample where streaming sends one
+per shard. On S3 a GET's latency (~20-50 ms) is hidden by S3_CONCURRENCY requests in flight per worker.
 """
 
 from __future__ import annotations
@@ -116,12 +125,58 @@ def folder_rate(folder: Path, per_image, aug, args, n_batches: int) -> float:
     return rate(dl, n_batches, args.batch)
 
 
+def s3_mode(shards: Path, batch: int, off: AugmentConfig) -> None:
+    import dataclasses
+    import json
+    import os
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import start_moto
+    from s3_counting import CountingProxy
+
+    from data_prep.storage import Store, s3_client
+
+    server, endpoint = start_moto()
+    for k, v in dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1").items():
+        os.environ.setdefault(k, v)
+    proxy = CountingProxy(endpoint)
+    try:
+        s3_client(endpoint).create_bucket(Bucket="bench")
+        dst = Store("s3://bench/shards", endpoint)
+        for p in sorted(shards.iterdir()):
+            dst.write_bytes_atomic(p.name, p.read_bytes())
+        manifest = json.loads((shards / "manifest.json").read_text())
+        train = manifest["splits"]["train"]["shards"]
+        total = sum(s["bytes"] for s in train)
+        epochs = 4
+        print(f"S3 (moto behind a counting proxy): {len(train)} train shards, {total / 1e6:.1f} MB; {epochs} epochs each, batch {batch}")
+        for workers in (1, 2, 4):
+            row = {}
+            for mode in ("ranged", "streamed"):
+                dl, ds = train_loader("s3://bench/shards", Layout(batch), 0, off, workers=workers, shuffle_window=4 * batch,
+                                      endpoint=proxy.endpoint)  # fmt: skip
+                if mode == "streamed":
+                    ds.shards = [dataclasses.replace(sh, offsets=None) for sh in ds.shards]
+                proxy.reset()
+                r = rate(dl, epochs * ds.steps_per_epoch, batch)
+                fetched = sum(n for path, n in proxy.get_bytes.items() if path.endswith(".tar")) / epochs
+                row[mode] = (fetched / total, proxy.requests["GET"] / epochs, proxy.requests["HEAD"] / epochs, r)
+            (f, g, h, r), (f0, _, h0, r0) = row["ranged"], row["streamed"]
+            print(f"  {workers} workers: fetched/epoch {f:.3f} x shard bytes (streamed {f0:.3f}), GETs/epoch {g:.0f}, "
+                  f"HEADs/epoch {h:.0f} (streamed {h0:.0f}; shards {len(train)}), {r:.1f} img/s (streamed {r0:.1f})")  # fmt: skip
+            print(f"RATIO S3 bytes fetched per epoch / shard bytes, {workers} workers: {f:.3f}  (goal <= 1.2; streamed {f0:.3f})")
+    finally:
+        proxy.close()
+        server.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--s3", action="store_true", help="S3 mode: bytes and requests fetched per epoch (see above)")
     args = ap.parse_args()
     from torchvision.transforms import v2
 
@@ -133,6 +188,8 @@ def main() -> None:
         make_corpus(tmp / "src", args.images)
         pack(str(tmp / "src"), str(tmp / "shards"), PackOptions(samples_per_shard=256, image=ImageOptions(resize_shorter=256)),
              workers=args.workers, progress=False)  # fmt: skip
+        if args.s3:
+            return s3_mode(tmp / "shards", args.batch, off)
         blobs, folder = [], tmp / "files"
         for shard in sorted((tmp / "shards").glob("train-*.tar")):
             with tarfile.open(shard) as tar:

@@ -77,7 +77,7 @@ def _load_offsets(store: Store, manifest: dict) -> np.ndarray | None:
     side = manifest.get("offsets")
     if not side:
         return None
-    data = store.read_bytes(side["file"]) if store.exists(side["file"]) else b""
+    data = store.read_if_exists(side["file"]) or b""
     if hashlib.sha256(data).hexdigest() != side["sha256"]:
         raise ManifestError(f"{store.url(side['file'])} is missing or does not match the sha256 in {MANIFEST}")
     # A view over the bytes already in memory (np.load would copy them: 80 MB more at 10M samples).
@@ -93,9 +93,10 @@ def _load_offsets(store: Store, manifest: dict) -> np.ndarray | None:
 
 def load_manifest(root: str, endpoint: str | None = None) -> dict:
     store = Store(root, endpoint)
-    if not store.exists(MANIFEST):
+    data = store.read_if_exists(MANIFEST)
+    if data is None:
         raise ManifestError(f"{store.url(MANIFEST)} not found: not a data_prep output, or the pack did not finish (rerun it to resume)")
-    manifest = json.loads(store.read_bytes(MANIFEST))
+    manifest = json.loads(data)
     if manifest.get("format") not in READABLE:
         raise ManifestError(f"{store.url(MANIFEST)}: unknown format {manifest.get('format')!r}, expected one of {list(READABLE)}")
     offsets = _load_offsets(store, manifest)

@@ -3,16 +3,16 @@
 Three stages, each made of independent tasks that run inline, in a process pool, or as Ray tasks:
 
 1. chunks: the ordered items are cut into fixed-size chunks (independent of the worker count).
-   A task reads, hashes, decodes and encodes its items into `OUT/_staging/chunk-NNNNNN.bin`, then
-   writes `chunk-NNNNNN.json` (one record per item: ok with sha256 and byte spans, or rejected
-   with a reason).
+   A task reads, hashes, decodes and encodes its items into `OUT/_staging/chunk-NNNNNN.bin`, one
+   self-describing segment per sample, then writes `chunk-NNNNNN.json` (one record per item: ok
+   with sha256 and its segment's (start, length), or rejected with a reason).
    The index is written last, so a chunk with an index is complete; resume skips it.
-2. plan (driver, metadata only): walk every record in source order; drop rejects; keep the first
-   copy of each sha256 (later copies are duplicates); move a train item to `heldout` when
-   hash(key) < heldout_fraction; shuffle each split with a fixed seed (unless disabled); cut each
-   split into shards of exactly N samples.
-3. shards: a task copies its samples out of the staging chunks into `{split}-{index:06d}.tar`,
-   written atomically, and records its size and sha256 in `_staging/shards/NAME.json`.
+2. plan (driver, metadata only; data_prep/plan.py): dedup, heldout draw, seeded shuffle, cut into
+   shards of exactly N samples, with a few dozen bytes of driver memory per item.
+3. shards: a task reads exactly its samples' segments (ranged reads, never a whole chunk: with
+   pack-time shuffling a shard's samples come from nearly every chunk, and reading the chunks whole
+   made the bytes read grow with the square of the corpus) into `{split}-{index:06d}.tar`, written
+   atomically, and records its size and sha256 in `_staging/shards/NAME.json`.
 
 Then rejected.jsonl, duplicates.jsonl and finally manifest.json; `_staging/` is removed.
 Tar headers use mtime 0 and JPEG encoding is deterministic, so a resumed pack produces the same
@@ -24,25 +24,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
+import os
 import platform
-import random
-import tarfile
 import sys
+import tarfile
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .images import ImageOptions, Reject, encode_image
 from .manifest import DUPLICATES, FORMAT, MANIFEST, REJECTED, write_offsets
+from .plan import heldout_draw, make_plan  # noqa: F401 - heldout_draw is part of this module's API
 from .sources import Corpus, SourceItem, TooLarge, load_corpus, read_item_bytes
 from .storage import Store, split_s3
 from .tasks import run_tasks
 
 STAGING = "_staging"
-SPLIT_ORDER = ("train", "heldout", "val")
+# 2: a chunk blob holds one self-describing segment per sample (see _segment), and its index records
+# the segment's (start, length); version 1 recorded per-field spans. Interrupted v1 stagings are refused.
+STAGING_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -103,13 +110,34 @@ class ShardWriter:
         self.tar.close()
 
 
+def _segment(key: str, fields: dict[str, bytes]) -> bytes:
+    """One sample in a staging blob: 4-byte big-endian header length, header JSON {"key", "fields":
+    [[name, length], ...]}, then the fields' bytes in that order. A shard task reads a sample with one
+    ranged read and needs nothing else from the driver: no key strings or spans per item in memory."""
+    header = json.dumps({"key": key, "fields": [[n, len(b)] for n, b in fields.items()]}).encode()
+    return len(header).to_bytes(4, "big") + header + b"".join(fields.values())
+
+
+def _parse_segment(seg: bytes, where: str) -> tuple[str, dict[str, bytes]]:
+    """`where` names the staging chunk and offset (chunk-NNNNNN.bin@start) in any error."""
+    try:
+        hlen = int.from_bytes(seg[:4], "big")
+        header = json.loads(seg[4 : 4 + hlen])
+        fields, pos = {}, 4 + hlen
+        for name, n in header["fields"]:
+            fields[name] = seg[pos : pos + n]
+            pos += n
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PackError(f"{where}: corrupt staging segment ({type(e).__name__}: {e}); pass --overwrite to start over") from e
+    if pos != len(seg):
+        raise PackError(f"{where}: staging segment of {header['key']} has {len(seg)} bytes, its header says {pos}; "
+                        "pass --overwrite to start over")  # fmt: skip
+    return header["key"], fields
+
+
 def build_chunk(root: str, endpoint: str | None, chunk_id: int, items: Sequence[SourceItem],
                 classes: Sequence[str], opts: ImageOptions) -> dict:  # fmt: skip
-    """Stage-1 task: encode `items` into a staging blob plus its index. Returns counts for progress.
-
-    The blob is the samples' fields back to back; the index records (offset, length) per field,
-    so stage 3 slices bytes instead of parsing a tar (tarfile costs ~0.2 ms per entry).
-    """
+    """Stage-1 task: encode `items` into a staging blob plus its index. Returns counts for progress."""
     store = Store(root, endpoint)
     records, counts = [], Counter()
     with store.open_write_atomic(f"{STAGING}/chunk-{chunk_id:06d}.bin") as f:
@@ -140,71 +168,14 @@ def build_chunk(root: str, endpoint: str | None, chunk_id: int, items: Sequence[
             meta = {"source": it.rel, "class_name": classes[it.labels[0]], "labels": list(it.labels),
                     "original_size": list(enc.original_size), "sha256": sha}  # fmt: skip
             fields = {"cls": str(it.labels[0]).encode(), "jpg": enc.jpg, "json": json.dumps(meta, sort_keys=True).encode()}
-            spans = {}
-            for name, blob in fields.items():
-                f.write(blob)
-                spans[name] = (offset, len(blob))
-                offset += len(blob)
-            records.append({**rec, "status": "ok", "sha256": sha, "spans": spans})
+            seg = _segment(it.key, fields)
+            f.write(seg)
+            records.append({**rec, "status": "ok", "sha256": sha, "segment": [offset, len(seg)]})
+            offset += len(seg)
             counts["ok"] += 1
     # The index is the completion marker of the chunk: written after the blob is in place.
     store.write_bytes_atomic(f"{STAGING}/chunk-{chunk_id:06d}.json", json.dumps(records).encode())
     return {"chunk": chunk_id, "items": len(items), **counts}
-
-
-# ---- stage 2: plan -----------------------------------------------------------------------------
-def heldout_draw(key: str) -> float:
-    """A uniform number in [0, 1) from the sample key alone: same on every machine and worker count."""
-    return int.from_bytes(hashlib.sha256(f"heldout:{key}".encode()).digest()[:8], "big") / 2**64
-
-
-@dataclass
-class Plan:
-    shards: list[dict]  # {"name", "split", "members": [(chunk_id, key, {field: (offset, length)})]}
-    rejected: list[dict]
-    duplicates: list[dict]
-    split_counts: dict[str, int]
-    class_counts: dict[str, list[int]]
-
-
-def make_plan(chunk_records: list[list[dict]], n_classes: int, opts: PackOptions) -> Plan:
-    rejected, duplicates, first_seen = [], [], {}
-    by_split: dict[str, list[tuple[int, dict]]] = {}
-    for chunk_id, records in enumerate(chunk_records):
-        for rec in records:
-            if rec["status"] != "ok":
-                rejected.append({k: rec[k] for k in ("path", "location", "key", "split", "reason")})
-                continue
-            ident = (rec["split"], rec["sha256"]) if opts.dedup == "split" else rec["sha256"]
-            if opts.dedup != "off" and ident in first_seen:
-                kept = first_seen[ident]
-                duplicates.append({"key": rec["key"], "path": rec["path"], "sha256": rec["sha256"],
-                                   "duplicate_of_key": kept["key"], "duplicate_of_path": kept["path"]})  # fmt: skip
-                continue
-            first_seen[ident] = rec
-            split = rec["split"]
-            if split == "train" and opts.heldout_fraction > 0 and heldout_draw(rec["key"]) < opts.heldout_fraction:
-                split = "heldout"
-            by_split.setdefault(split, []).append((chunk_id, rec))
-    order = [s for s in SPLIT_ORDER if s in by_split] + sorted(s for s in by_split if s not in SPLIT_ORDER)
-    if opts.shuffle_seed is not None:
-        for split in order:
-            random.Random(f"{opts.shuffle_seed}:{split}").shuffle(by_split[split])
-    shards, split_counts, class_counts = [], {}, {}
-    n = opts.samples_per_shard
-    for split in order:
-        members = by_split[split]
-        split_counts[split] = len(members)
-        totals = [0] * n_classes
-        for start in range(0, len(members), n):
-            group = members[start : start + n]
-            counts = Counter(lab for _, rec in group for lab in rec["labels"])
-            for lab, c in counts.items():
-                totals[lab] += c
-            shards.append({"name": f"{split}-{start // n:06d}.tar", "split": split,
-                           "members": [(cid, rec["key"], rec["spans"]) for cid, rec in group]})  # fmt: skip
-        class_counts[split] = totals
-    return Plan(shards, rejected, duplicates, split_counts, class_counts)
 
 
 # ---- stage 3: shards ---------------------------------------------------------------------------
@@ -233,16 +204,51 @@ def _matches(store: Store, name: str, info: dict) -> bool:
     return sha.hexdigest() == info.get("sha256")
 
 
-def build_shard(root: str, endpoint: str | None, name: str, members: Sequence[tuple[int, str, dict]]) -> dict:
-    """Stage-3 task: copy samples out of staging chunks into one shard tar, atomically."""
+def _read_segments(store: Store, members: np.ndarray) -> Iterator[tuple[str, bytes]]:
+    """(where, bytes) of the segments `members` (rows: chunk id, start, length) name, in order, reading
+    exactly their bytes. Local: pread on chunk files kept open (at most 256 at once). S3: ranged GETs,
+    16 in flight to hide each request's latency (a sliding window: at most 16 segments buffered)."""
+    name = lambda cid: f"{STAGING}/chunk-{int(cid):06d}.bin"  # noqa: E731
+    if store.s3:
+        rows = iter(members.tolist())
+        with ThreadPoolExecutor(16, thread_name_prefix="segment") as pool:
+            pending: deque = deque()
+            for cid, start, length in itertools.islice(rows, 16):
+                pending.append((f"{name(cid)}@{start}", pool.submit(store.read_range, name(cid), start, length)))
+            while pending:
+                where, fut = pending.popleft()
+                for cid, start, length in itertools.islice(rows, 1):
+                    pending.append((f"{name(cid)}@{start}", pool.submit(store.read_range, name(cid), start, length)))
+                yield where, fut.result()
+        return
+    fds: OrderedDict[int, int] = OrderedDict()
+    try:
+        for cid, start, length in members.tolist():
+            if cid not in fds:
+                if len(fds) >= 256:
+                    os.close(fds.popitem(last=False)[1])
+                fds[cid] = os.open(store.url(name(cid)), os.O_RDONLY)
+            fds.move_to_end(cid)
+            seg = os.pread(fds[cid], length, start)
+            if len(seg) != length:
+                raise PackError(f"{store.url(name(cid))}: segment at {start} cut short ({len(seg)} of {length} bytes); "
+                                "pass --overwrite to start over")  # fmt: skip
+            yield f"{name(cid)}@{start}", seg
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def build_shard(root: str, endpoint: str | None, name: str, members: np.ndarray) -> dict:
+    """Stage-3 task: copy samples out of staging chunks into one shard tar, atomically. Reads the
+    members' segments and nothing else; holds one segment (S3: 64) at a time, not the shard."""
     store = Store(root, endpoint)
     sidecar = f"{STAGING}/shards/{name}.json"
     if store.exists(name) and store.exists(sidecar):  # finished by an earlier, interrupted run?
         info = json.loads(store.read_bytes(sidecar))
         if info.get("samples") == len(members) and _matches(store, name, info):
-            return info
+            return {**info, "offsets": np.asarray(info["offsets"], dtype=np.int64)}
         # a shard that does not match its sidecar (truncated, 0 bytes, replaced) is rebuilt, not trusted
-    blobs = {cid: store.read_bytes(f"{STAGING}/chunk-{cid:06d}.bin") for cid in sorted({m[0] for m in members})}
     # offsets[i] = byte offset of sample i's first tar header; offsets[-1] = end of the last sample.
     # A USTAR member is one 512-byte header plus its data padded to 512 (names stay < 100 chars),
     # so the offsets follow from the field sizes; readers seek straight to a sample with them.
@@ -250,16 +256,17 @@ def build_shard(root: str, endpoint: str | None, name: str, members: Sequence[tu
     with store.open_write_atomic(name) as f:
         hw = _HashingWriter(f)
         writer = ShardWriter(hw)
-        for cid, key, spans in members:
-            blob = blobs[cid]
-            writer.write(key, {field: blob[o : o + n] for field, (o, n) in spans.items()})
-            offsets.append(offsets[-1] + sum(512 + -(-n // 512) * 512 for _, n in spans.values()))
+        for where, seg in _read_segments(store, members):
+            key, fields = _parse_segment(seg, store.url(where))
+            writer.write(key, fields)
+            offsets.append(offsets[-1] + sum(512 + -(-len(b) // 512) * 512 for b in fields.values()))
         writer.close()
     if offsets[-1] + 1024 > hw.n:  # the end-of-archive blocks follow the last sample
         raise PackError(f"{name}: sample offsets ({offsets[-1]}) do not fit the tar's {hw.n} bytes")
     info = {"name": name, "samples": len(members), "bytes": hw.n, "sha256": hw.sha.hexdigest(), "offsets": offsets}
     store.write_bytes_atomic(sidecar, json.dumps(info).encode())
-    return info
+    # int64 for the driver: ~8 bytes per sample until the offsets sidecar is written, not a Python int's ~36
+    return {**info, "offsets": np.asarray(offsets, dtype=np.int64)}
 
 
 # ---- execution ---------------------------------------------------------------------------------
@@ -325,13 +332,16 @@ def _prepare_out(store: Store, source: str, opts: PackOptions, overwrite: bool, 
         if {k: started.get(k) for k in identity} != identity:
             raise PackError(f"{store.root} holds an interrupted pack with other options or SOURCE; rerun "
                             "that exact command to resume it, or pass --overwrite to start over")  # fmt: skip
+        if started.get("staging", 1) != STAGING_FORMAT:
+            raise PackError(f"{store.root} holds a pack interrupted under an older data_prep (staging format "
+                            f"{started.get('staging', 1)}, now {STAGING_FORMAT}); pass --overwrite to start over")  # fmt: skip
         if not _same_listing(started.get("listing"), listing):  # resuming would mix two listings' chunks
             raise PackError(f"SOURCE {source} changed since the interrupted pack in {store.root} started "
                             f"({_describe(started['listing'])} then, {_describe(listing)} now); pass --overwrite to start over")  # fmt: skip
     else:
         if any(not n.startswith(".write-probe") for n in store.list()):
             raise PackError(f"{store.root} is not empty and holds no pack of ours; choose an empty OUT or pass --overwrite")
-        store.write_bytes_atomic(marker, json.dumps({**identity, "listing": listing}).encode())
+        store.write_bytes_atomic(marker, json.dumps({**identity, "listing": listing, "staging": STAGING_FORMAT}).encode())
     if not store.s3:  # temp files of a killed run
         for name in store.list():
             if ".tmp-" in name:
@@ -357,25 +367,32 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
         manifest = json.loads(store.read_bytes(MANIFEST))
         return {"status": "already complete", "out": out, "samples": sum(s["samples"] for s in manifest["splits"].values())}
 
-    items = corpus.items
+    items = corpus.items  # an ItemTable: chunks are materialised one task at a time
     cs = opts.chunk_size
-    chunks = [items[i : i + cs] for i in range(0, len(items), cs)]
+    n_chunks = -(-len(items) // cs)
+    chunk = lambda i: items[i * cs : (i + 1) * cs]  # noqa: E731
     done = {int(n[len(STAGING) + 7 : -5]) for n in store.list(STAGING) if n.endswith(".json") and "/chunk-" in n}
-    todo = [i for i in range(len(chunks)) if i not in done]
-    bar = tqdm(total=len(items), initial=sum(len(chunks[i]) for i in done), unit="img", desc="encode",
-               disable=not progress, dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-    run_tasks(build_chunk, [(out, endpoint, i, chunks[i], corpus.classes, opts.image) for i in todo],
+    todo = [i for i in range(n_chunks) if i not in done]
+    bar = tqdm(total=len(items), initial=len(items) - sum(min(cs, len(items) - i * cs) for i in todo), unit="img",
+               desc="encode", disable=not progress, dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+    run_tasks(build_chunk, ((out, endpoint, i, chunk(i), corpus.classes, opts.image) for i in todo),
               workers, use_ray, ray_address, lambda r: bar.update(r["items"]))  # fmt: skip
     bar.close()
 
-    records = [json.loads(store.read_bytes(f"{STAGING}/chunk-{i:06d}.json")) for i in range(len(chunks))]
-    for i in sorted(done):  # encoded by an earlier run: same items, same labels (else two listings would mix)
-        if [(r["key"], r["labels"]) for r in records[i]] != [(it.key, list(it.labels)) for it in chunks[i]]:
+    def load_chunk(i: int) -> list[dict]:
+        records = json.loads(store.read_bytes(f"{STAGING}/chunk-{i:06d}.json"))
+        # encoded by an earlier run: same items, same labels (else two listings would mix)
+        if i in done and [(r["key"], r["labels"]) for r in records] != [(it.key, list(it.labels)) for it in chunk(i)]:
             raise PackError(f"{store.root}: staging chunk {i} was encoded from another listing or labelling of SOURCE "
                             f"{source}; pass --overwrite to start over")  # fmt: skip
-    plan = make_plan(records, len(corpus.classes), opts)
-    bar = tqdm(total=len(plan.shards), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    infos = run_tasks(build_shard, [(out, endpoint, s["name"], s["members"]) for s in plan.shards],
+        return records
+
+    plan = make_plan(load_chunk, n_chunks, cs, len(items), len(corpus.classes), opts.samples_per_shard,
+                     opts.dedup, opts.heldout_fraction, opts.shuffle_seed)  # fmt: skip
+    names = plan.shard_names()
+    bar = tqdm(total=len(names), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    # Member lists are made as tasks are submitted (run_tasks draws them lazily), never all at once.
+    infos = run_tasks(build_shard, ((out, endpoint, name, members) for name, members in plan.shard_members()),
                       workers, use_ray, ray_address, lambda r: bar.update(1))  # fmt: skip
     bar.close()
 
@@ -389,7 +406,7 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
                         f"see {store.url(REJECTED)}")  # fmt: skip
     splits = {}
     for split, count in plan.split_counts.items():
-        shards = [i for i, s in zip(infos, plan.shards) if s["split"] == split]
+        shards = [i for i, (_, s) in zip(infos, names) if s == split]
         splits[split] = {"samples": count, "class_counts": plan.class_counts[split], "shards": shards}
     manifest = {
         "format": FORMAT, "classes": corpus.classes, "multi_label": corpus.multi_label, "splits": splits,
@@ -397,7 +414,7 @@ def pack(source: str, out: str, opts: PackOptions, *, workers: int = 1, use_ray:
         "rejected_by_reason": dict(sorted(reasons.items())), "source": source,
         "options": opts.fingerprint(), "listing": corpus.listing, "versions": _versions(),
     }  # fmt: skip
-    write_offsets(store, manifest, {i["name"]: i["offsets"] for i in infos})  # the sidecar, before the manifest
+    write_offsets(store, manifest, {i["name"]: i.pop("offsets") for i in infos})  # the sidecar, before the manifest
     store.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the pack is complete
     if not keep_staging:
         store.delete_tree(STAGING)

@@ -39,16 +39,27 @@ def s3_endpoint(endpoint: str | None = None) -> str | None:
     return endpoint or os.environ.get("NFNET_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-@functools.lru_cache(maxsize=8)
 def s3_client(endpoint: str | None = None):
-    """A boto3 S3 client with retries; cached per process (Ray/multiprocessing workers make their own).
+    """A boto3 S3 client with retries, cached per process. The pid is part of the cache key: a client
+    inherited across fork (DataLoader workers fork after the rank read the manifest) shares its pooled
+    keep-alive sockets with the parent and its siblings, and their responses interleave (seen as
+    bodies cut short and misaligned ranged reads)."""
+    return _s3_client(endpoint, os.getpid())
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, pid: int):
+    """See s3_client.
     NFNET_S3_MAX_ATTEMPTS (default 10) bounds botocore's own retries per request; the loader's reader
     waits out longer outages itself (pipeline/data/s3io.py, data.s3_retry_s)."""
     import boto3
     from botocore.config import Config
 
     attempts = int(os.environ.get("NFNET_S3_MAX_ATTEMPTS", "10"))
-    cfg = Config(retries={"max_attempts": attempts, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+    # 32 pooled connections: packing's shard tasks and the loader's workers keep 16 and 8 ranged GETs
+    # in flight on one client; botocore's default pool of 10 discards (and re-handshakes) the rest.
+    cfg = Config(retries={"max_attempts": attempts, "mode": "adaptive"}, connect_timeout=10, read_timeout=60,
+                 max_pool_connections=32)  # fmt: skip
     return boto3.session.Session().client("s3", endpoint_url=s3_endpoint(endpoint), config=cfg)
 
 
@@ -97,6 +108,51 @@ class Store:
             return self._path(name).read_bytes()
         return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
 
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        """Bytes [start, start + length) of `name`; S3: one ranged GET."""
+        if not self.s3:
+            with open(self._path(name), "rb") as f:
+                return os.pread(f.fileno(), length, start)
+        # botocore retries a failed request, not a body cut off mid-read (IncompleteReadError is not an
+        # OSError, so no task retry catches it either): resume from the bytes already read, 5 tries.
+        import time
+
+        got = bytearray()
+        for attempt in range(5):
+            rng = f"bytes={start + len(got)}-{start + length - 1}"
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(name), Range=rng)["Body"]
+                while len(got) < length and (block := body.read(min(1 << 20, length - len(got)))):
+                    got += block
+                if len(got) == length:
+                    return bytes(got)
+                err: Exception = EOFError(f"{self.url(name)}: range {start}+{length} ended after {len(got)} bytes")
+            except Exception as e:  # noqa: BLE001 - connection errors of every flavour; ClientErrors re-raised below
+                from botocore.exceptions import ClientError
+
+                if isinstance(e, ClientError):
+                    raise
+                err = e
+            time.sleep(0.2 * 2**attempt)
+        raise OSError(f"{self.url(name)}: ranged read {start}+{length} failed 5 times: {type(err).__name__}: {err}") from err
+
+    def read_if_exists(self, name: str) -> bytes | None:
+        """The object's bytes, or None when there is none: one GET, where exists() + read_bytes()
+        is a HEAD and a GET (at every evaluation of every rank, for the manifest and its sidecar)."""
+        if not self.s3:
+            try:
+                return self._path(name).read_bytes()
+            except FileNotFoundError:
+                return None
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.read_bytes(name)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
     @contextlib.contextmanager
     def open_read(self, name: str) -> Iterator[BinaryIO]:
         if not self.s3:
@@ -111,18 +167,23 @@ class Store:
 
     def list(self, sub: str = "") -> list[str]:
         """Names (relative to the root) of all objects/files below `sub`, sorted."""
+        return sorted(self.sizes(sub))
+
+    def sizes(self, sub: str = "") -> dict[str, int]:
+        """Name -> size of every object/file below `sub`: one listing (S3: a LIST request per 1,000
+        keys), where size() per name costs a HEAD request each."""
         if not self.s3:
             base = self._path(sub) if sub else Path(self.root)
             if not base.exists():
-                return []
-            return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file())
+                return {}
+            return {str(p.relative_to(self.root)): p.stat().st_size for p in base.rglob("*") if p.is_file()}
         prefix = self._key(sub) if sub else (self.prefix + "/" if self.prefix else "")
-        names = []
+        out = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
-                names.append(key[len(self.prefix) + 1 :] if self.prefix else key)
-        return sorted(names)
+                out[key[len(self.prefix) + 1 :] if self.prefix else key] = int(obj["Size"])
+        return out
 
     def size(self, name: str) -> int:
         if not self.s3:

@@ -54,10 +54,13 @@ def absolutize(cfg):
 
 
 def check_data(cfg) -> None:
-    """Fail before any worker starts when the data is not a finished data_prep output."""
+    """Fail before any worker starts when the data is not a finished data_prep output, or is
+    multi-label under optim.objective=softmax."""
     from data_prep.manifest import load_manifest
+    from pipeline.config import check_objective
 
-    load_manifest(cfg.data.root, cfg.data.s3_endpoint or None)
+    manifest = load_manifest(cfg.data.root, cfg.data.s3_endpoint or None)
+    check_objective(cfg, manifest, f"{cfg.data.root}/manifest.json")
 
 
 def print_config(cfg) -> None:

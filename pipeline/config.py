@@ -80,6 +80,10 @@ class OptimConfig:
     agc_eps: float = 1e-3
     ema_decay: float = 0.99999  # tf1_ema form: min(decay, (1+t)/(10+t)); 0 disables EMA
     sam_rho: float = 0.0  # SAM radius (0: off); needs run.zero_stage=0 (pipeline/train/sam.py)
+    # softmax: cross-entropy on one label per image. sigmoid: binary cross-entropy per class on
+    # multi-hot targets from every label of a sample (multi-label corpora, JFT-like); held-out
+    # metrics are then top-1/top-5 against any true label and mAP (docs/data-loading.md, "Multi-label corpora").
+    objective: Literal["softmax", "sigmoid"] = "softmax"
 
 
 @dataclass
@@ -434,3 +438,14 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.optim.sam_rho > 0 and cfg.run.zero_stage != 0:
         raise ValueError(f"optim.sam_rho > 0 (SAM) needs run.zero_stage=0, got {cfg.run.zero_stage}: its ascent "
                          "step reads full local gradients, which ZeRO-1/2 partition")  # fmt: skip
+
+
+def check_objective(cfg: TrainConfig, manifest: dict, where: str) -> None:
+    """Refuse a multi-label pack (manifest "multi_label": true, written by data_prep when samples carry
+    label lists) under optim.objective=softmax: softmax sees one label per image, the first, and would
+    silently drop the others. `where` names the manifest in the one-line message. A single-label pack
+    is fine under either objective (sigmoid trains it on one-hot targets)."""
+    if manifest.get("multi_label") and cfg.optim.objective == "softmax":
+        verb = "evaluate against" if cfg.run.mode == "eval" else "train on"
+        raise ValueError(f"{where} is multi-label but optim.objective is 'softmax', which would {verb} each sample's "
+                         "first label only: set optim.objective=sigmoid")  # fmt: skip

@@ -22,26 +22,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server on 127.0.0.1:<free port>; yields its endpoint URL. It ignores credentials,
-    but boto3 wants some, so dummy ones are set for the session."""
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on 127.0.0.1:<free port>, started and answering; returns (process, endpoint)."""
     port = free_port()
     exe = shutil.which("moto_server", path=str(VENV_BIN)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
     deadline = time.time() + 20
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("moto_server did not start")
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1:<free port>; yields its endpoint URL. It ignores credentials,
+    but boto3 wants some, so dummy ones are set for the session."""
+    proc, endpoint = start_moto()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
     yield endpoint
     proc.terminate()
     proc.wait(timeout=10)

@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gloo_utils import join_gloo, spawn
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
@@ -37,7 +28,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from pipeline.train.agc_partitioned import unit_layout
     from pipeline.train.step import SkippableSGD, agc_at_boundary
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for stage in (1, 2):
         torch.manual_seed(0)
@@ -103,7 +93,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_partition_local_agc_equals_full_gradient_agc(world, tmp_path):
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, start_method="spawn")
+    spawn(_worker, world, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for stage in ("1", "2"):
         r0 = ranks[0][stage]

@@ -9,22 +9,15 @@ import io
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_utils import join_gloo, spawn
 from safetensors.torch import load_file
 
 from pipeline.formats.safetensors_io import RangedReader, write_streamed
 from pipeline.formats.sharded import IncompleteCheckpoint
 from pipeline.train.checkpoint import owners
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_streamed_safetensors_load_with_the_library_and_read_by_range(tmp_path):
@@ -90,15 +83,12 @@ def _full_state(engine, opt, ema) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, stage: int, out: str, mode: str) -> None:
-    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     import torch.distributed as dist
 
     from pipeline.formats.sharded import open_local
     from pipeline.train.checkpoint import restore, snapshot, write_shard
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     engine, opt, ema = _engine(stage, world)
     ckpt = os.path.join(out, "ckpt")
     if mode == "write":
@@ -143,7 +133,7 @@ def _worker(rank: int, world: int, port: int, stage: int, out: str, mode: str) -
 
 def test_written_by_two_ranks_restored_at_another_world_size_and_stage(tmp_path):
     out = str(tmp_path)
-    mp.start_processes(_worker, args=(2, _free_port(), 2, out, "write"), nprocs=2, start_method="spawn")
+    spawn(_worker, 2, 2, out, "write")
     for r in range(2):  # each rank held only its share: weights/EMA by tensor, momentum its partition
         m = json.loads((tmp_path / f"mem-{r}.json").read_text())
         assert m["snapshot"] <= m["state"] / 2 + m["largest"], m
@@ -151,7 +141,7 @@ def test_written_by_two_ranks_restored_at_another_world_size_and_stage(tmp_path)
     assert sorted(os.listdir(ckpt)) == ["index-00000.json", "index-00001.json", "shard-00000-of-00002.safetensors",
                                         "shard-00001-of-00002.safetensors", "trainer.json"]  # fmt: skip
     for world, stage in ((3, 1), (1, 0)):
-        mp.start_processes(_worker, args=(world, _free_port(), stage, out, "read"), nprocs=world, start_method="spawn")
+        spawn(_worker, world, stage, out, "read")
         for r in range(world):
             res = json.loads((tmp_path / f"restore-{world}-{stage}-{r}.json").read_text())
             assert res["worst"] == 0.0 and res["keys"] > 100, (world, stage, r, res)

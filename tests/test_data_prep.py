@@ -408,3 +408,85 @@ def test_ray_pack_on_local_cluster_matches_local(tmp_path, ray_cluster):
                         ray_cluster["address"]], capture_output=True, text=True, cwd=REPO, env=ray_cluster["env"])  # fmt: skip
     total = sum(s["samples"] for s in b["splits"].values())
     assert v.returncode == 0 and f"shards, {total} samples match" in v.stdout and "MB/s" in v.stdout, v.stderr[-2000:]
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read()/pread() syscalls (/proc/self/io), files or not."""
+    return next(int(line.split()[1]) for line in open("/proc/self/io") if line.startswith("rchar"))
+
+
+def test_pack_reads_grow_linearly_with_the_corpus(tmp_path):
+    """Packing 4x the corpus reads 4x the bytes: a shard task reads its samples' staging segments, not
+    whole chunks. With 8 items per chunk and 40 per shard, reading whole chunks read 1.4x (corpus +
+    output) at 160 items and 2.3x at 640 (measured before the change), and grows without bound."""
+    ratios = {}
+    for per_class in (10, 40, 160):  # the first run warms up lazy imports (PIL plugins) and is not counted
+        src = tmp_path / f"src{per_class}"
+        make_class_folders(src, per_class=per_class, classes=("a", "b", "c", "d"), splits=("train",))
+        corpus = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+        before = _rchar()
+        summary = pack(str(src), str(tmp_path / f"out{per_class}"), PackOptions(samples_per_shard=40, chunk_size=8), progress=False)
+        ratios[per_class] = (_rchar() - before) / (corpus + summary["bytes"])
+    small, large = ratios[40], ratios[160]
+    assert small < 0.8 and large < 0.8, ratios  # measured 0.70 and 0.68: sources and segments once each
+    assert large <= small * 1.03, ratios
+
+
+def test_plan_memory_is_a_few_dozen_bytes_per_item():
+    """The plan stage keeps fixed-width columns, not records: tracemalloc's peak per item is the same
+    at 10k and 40k items and far below the ~1.4 KB per item of holding every record. Duplicates are
+    still found (the first copy in source order kept) and counted per class."""
+    import tracemalloc
+
+    from data_prep.plan import make_plan
+
+    def loader(n: int, cs: int):
+        def load(c: int) -> list[dict]:
+            return [{"key": f"k{g}", "split": "train", "labels": [g % 7], "path": f"p{g}", "location": f"/x/p{g}",
+                     "status": "ok", "sha256": f"{g % (n - 10):032x}" + "0" * 32, "segment": [g, 1]}  # the last 10 repeat the first 10
+                    for g in range(c * cs, min(n, (c + 1) * cs))]  # fmt: skip
+
+        return load
+
+    per_item = {}
+    for n in (10_000, 40_000):
+        tracemalloc.start()
+        plan = make_plan(loader(n, 512), -(-n // 512), 512, n, 7, 100, "global", 0.0, 0)
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        per_item[n] = (held / n, peak / n)
+        assert plan.split_counts == {"train": n - 10}
+        assert [(d["key"], d["duplicate_of_key"]) for d in plan.duplicates] == [(f"k{n - 10 + i}", f"k{i}") for i in range(10)]
+        assert sum(plan.class_counts["train"]) == n - 10
+        assert sorted(plan.order["train"].tolist()) == list(range(n - 10))
+        del plan
+    for held, peak in per_item.values():
+        assert held < 40 and peak < 125, per_item  # measured ~36 and ~108 bytes per item
+    assert per_item[40_000][1] < 1.05 * per_item[10_000][1], per_item  # flat: no per-item record kept
+
+
+def test_item_table_round_trips_what_a_listing_holds():
+    """The packed listing returns exactly what went in: names that are not UTF-8 (surrogates),
+    reject None vs '', label tuples, splits; a NUL in a name is shown escaped and rejected, not split."""
+    from data_prep.sources import ItemTable, SourceItem
+
+    items = [SourceItem("k1", "train", (3, 1), "/d/a\udcff.jpg", "a\udcff.jpg"),
+             SourceItem("k2", "val", (), "s3://b/x.jpg", "x.jpg", ""),
+             SourceItem("k3", "odd split", (0,), "/d/y.jpg", "y.jpg", "bad label")]  # fmt: skip
+    table = ItemTable(items)
+    assert len(table) == 3 and list(table) == items and table[1:] == items[1:] and table[-1] == items[-1]
+    nul = ItemTable([SourceItem("k4", "train", (0,), "/d/a\0b.jpg", "a\0b.jpg")])[0]
+    assert nul.rel == "a\\x00b.jpg" and nul.reject == "name contains a NUL byte: a\\x00b.jpg"
+
+
+def test_a_pack_interrupted_under_the_old_staging_format_is_refused(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_class_folders(src, per_class=2, splits=None)
+    pack(str(src), str(out), PackOptions(samples_per_shard=4), progress=False, keep_staging=True)
+    (out / "manifest.json").unlink()  # interrupted before the manifest ...
+    marker = out / "_staging" / "pack.json"
+    doc = json.loads(marker.read_text())
+    del doc["staging"]  # ... by a data_prep that wrote per-field spans (format 1)
+    marker.write_text(json.dumps(doc))
+    r = run_cli("pack", str(src), str(out), "--no-progress", "--samples-per-shard", "4", check=False)
+    assert r.returncode == 2 and "staging format 1, now 2" in r.stderr and "--overwrite" in r.stderr, r.stderr

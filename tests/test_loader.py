@@ -245,33 +245,18 @@ def test_an_s3_outage_fails_the_step_unless_substitution_is_asked_for(tmp_path, 
     """An outage longer than data.s3_retry_s raises S3Unavailable (the step fails; Ray Train restores the
     last checkpoint), so the epoch stays exact; with data.substitute_on_s3_outage the missing samples
     are counted in the batch's `bad` instead. The old reader gave up after ~13 s and substituted."""
-    import shutil
-    import socket
-    import subprocess
-    import sys
     import time
 
-    from conftest import free_port
+    from conftest import start_moto
 
     from pipeline.data.s3io import S3Unavailable
 
-    port = free_port()
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_moto()
     # one botocore attempt per request: the reader's own retry time is what is under test
     for k, v in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                      AWS_ENDPOINT_URL=endpoint, NFNET_S3_MAX_ATTEMPTS="1").items():  # fmt: skip
         monkeypatch.setenv(k, v)
     try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto_server did not start"
-                time.sleep(0.1)
         from data_prep.storage import s3_client
 
         s3_client(endpoint).create_bucket(Bucket="outage")
@@ -335,3 +320,45 @@ def test_a_10m_sample_manifest_loads_in_seconds_and_under_200_mb(tmp_path):
     assert r["n"] == 10_000_000 and r["len"] == per + 1 and r["last"] == per * 1024 + n_shards - 1
     assert r["s"] < 5.0, r  # measured 0.21 s here (the inline-JSON layout: 2.24 s)
     assert r["rss_mb"] < 200, r  # peak of the whole process: measured 115 MB (inline JSON: 561 MB)
+
+
+def test_an_s3_epoch_fetches_each_byte_once_at_any_worker_count(packed, s3_server, s3_bucket):
+    """Through a counting proxy in front of moto: one training epoch of both ranks fetches at most the
+    train shards' bytes (ranged GETs of each worker's own samples), with 1 or 3 DataLoader workers, and
+    sends no HEAD (sizes from one LIST). Streaming each worker's windows fetched ~W x the bytes, and
+    every rank sent a HEAD per shard at start and at every evaluation. Batches equal local reads."""
+    import json
+
+    from s3_counting import CountingProxy
+
+    from data_prep.storage import Store
+
+    dst = Store(f"s3://{s3_bucket}/fm", s3_server)
+    for p in sorted(Path(packed).iterdir()):
+        dst.write_bytes_atomic(p.name, p.read_bytes())
+    manifest = json.loads((Path(packed) / "manifest.json").read_text())
+    train_bytes = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
+    layout = Layout(8, 2, 1)
+    proxy = CountingProxy(s3_server)
+    try:
+        for workers in (1, 3):
+            proxy.reset()
+            local, remote = [], []
+            for rank in range(2):  # two epochs: the loader's prefetch into the third is a few batches
+                dl, ds = train_loader(f"s3://{s3_bucket}/fm", layout, rank, AUG, workers=workers, shuffle_window=64,
+                                      endpoint=proxy.endpoint)  # fmt: skip
+                remote += keys_of(dl, 2 * ds.steps_per_epoch)
+                local += keys_of(train_loader(packed, layout, rank, AUG, workers=0, shuffle_window=64)[0], 2 * ds.steps_per_epoch)
+            assert remote == local
+            per_epoch = sum(n for path, n in proxy.get_bytes.items() if path.endswith(".tar")) / 2 / train_bytes
+            used = ds.steps_per_epoch * layout.global_batch / ds.total  # an epoch's leftover is not read
+            assert 0.9 * used < per_epoch <= 1.1, (workers, per_epoch)  # measured 1.03 (1 worker), 1.06 (3)
+            assert proxy.requests["HEAD"] == 0, proxy.requests
+        proxy.reset()
+        dl, es = eval_loader(f"s3://{s3_bucket}/fm", "heldout", 32, 0, 1, AUG, workers=2, endpoint=proxy.endpoint)
+        assert sum(b["mask"].sum().item() for b in dl) == es.total
+        held = sum(s["bytes"] for s in manifest["splits"]["heldout"]["shards"])
+        assert 0.9 * held < sum(n for path, n in proxy.get_bytes.items() if path.endswith(".tar")) <= held
+        assert proxy.requests["HEAD"] == 0, proxy.requests
+    finally:
+        proxy.close()

@@ -3,7 +3,8 @@
 Train, per image: decode -> Inception crop (area 8-100%, aspect 3/4-4/3, bicubic) -> flip.
 Per batch: MixUp (Beta(0.2, 0.2)) on the first half, CutMix (Beta(1, 1)) on the second half,
 then RandAugment per image (DM applies it after mixing), label smoothing on the mixed targets
-(y <- (1 - eps) y + eps / C). Every part can be switched off. Batches stay uint8; `normalize`
+(y <- (1 - eps) y + eps / C; multi-hot targets of the sigmoid objective are mixed and smoothed the
+same way, see TrainAugment). Every part can be switched off. Batches stay uint8; `normalize`
 (ImageNet mean/std) runs on the training device.
 
 Eval: squash-resize the whole image to (S+32)^2, centre-crop S ("squash", DM's resize_crop_32),
@@ -87,8 +88,21 @@ def _colorspace(jpg: bytes) -> str | None:
         return None
 
 
+def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:
+    """Label lists -> (B, C) float targets, 1 at each of a sample's labels (optim.objective=sigmoid)."""
+    y = torch.zeros(len(labels), num_classes)
+    for i, labs in enumerate(labels):
+        y[i, labs] = 1.0
+    return y
+
+
 class TrainAugment:
-    """Callable in the loader workers: (list of uint8 images, labels) -> (float batch, soft targets)."""
+    """Callable in the loader workers: (list of uint8 images, labels) -> (float batch, soft targets).
+
+    Labels are (B,) class indices (softmax) or (B, C) multi-hot targets (sigmoid, from multi_hot).
+    MixUp and CutMix blend multi-hot targets as they blend one-hot ones: lam * y_a + (1 - lam) * y_b,
+    so a class present in both images keeps target 1 and one present in one gets its share of the
+    pixels."""
 
     def __init__(self, cfg: AugmentConfig, num_classes: int):
         self.cfg, self.num_classes = cfg, num_classes
@@ -116,7 +130,7 @@ class TrainAugment:
 
     def batch(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) uint8 crops -> mixed, RandAugmented uint8 batch and soft targets (B, C)."""
-        y = torch.nn.functional.one_hot(labels, self.num_classes).float()
+        y = self._targets(labels)
         half = x.shape[0] // 2
         if self.mixup is not None or self.cutmix is not None:
             # MixUp blends, so it runs in float and rounds back; CutMix only pastes a box of the
@@ -129,12 +143,21 @@ class TrainAugment:
         elif get_worker_info() is not None and not x.is_shared():
             x = stack_batch(list(x))  # mixed batches too go out through shared memory
         if self.cfg.label_smoothing > 0:
+            # The same y <- (1 - eps) y + eps / C for multi-hot (sigmoid) targets: positives go to
+            # ~1 - eps, negatives to eps / C. Not the per-class binary form y (1 - eps) + eps / 2:
+            # it asks for probability eps / 2 on every absent class, targets summing to ~900 per
+            # image on JFT (18k classes x 0.05) against ~2 true labels, and the loss sums over
+            # classes; eps / C puts at most eps in total on absent classes, as softmax smoothing does.
             y = y * (1 - self.cfg.label_smoothing) + self.cfg.label_smoothing / self.num_classes
         return x, y
 
+    def _targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) class indices -> one-hot (B, C); (B, C) multi-hot targets pass through as float."""
+        return labels.float() if labels.dim() == 2 else torch.nn.functional.one_hot(labels, self.num_classes).float()
+
     def _mix(self, mix, x: torch.Tensor, labels: torch.Tensor, blend: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if mix is None or x.shape[0] < 2:
-            return x, torch.nn.functional.one_hot(labels, self.num_classes).float()
+            return x, self._targets(labels)
         if not blend:
             return mix(x, labels)
         xf, y = mix(x.float(), labels)

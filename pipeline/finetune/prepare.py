@@ -16,7 +16,7 @@ from data_prep.images import ImageOptions
 from data_prep.manifest import load_manifest
 from data_prep.pack import PackOptions, pack
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, check_objective
 
 from .sources import check_classes, source_classes
 
@@ -48,6 +48,7 @@ def prepare_data(cfg: TrainConfig, *, use_ray: bool = False, workers: int = 1, p
     if not d.root:
         raise ValueError("set data.root (a data_prep output) or data.source (a dataset to pack)")
     manifest = load_manifest(d.root, endpoint)
+    check_objective(cfg, manifest, f"{d.root}/manifest.json")  # a multi-label pack needs optim.objective=sigmoid
     needed = [d.eval_split] + ([d.train_split] if cfg.run.mode == "train" else [])
     for split in needed:
         if split not in manifest["splits"]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+from data_prep.manifest import MANIFEST
 from data_prep.storage import Store, s3_endpoint, split_s3
 
-from pipeline.config import TrainConfig, check_resume_config, format_changes, validate
+from pipeline.config import TrainConfig, check_objective, check_resume_config, format_changes, validate
 
 
 def storage_args(storage: str, endpoint: str | None) -> dict:
@@ -69,6 +70,18 @@ def check_resubmission(cfg: TrainConfig) -> list[str]:
     return allowed
 
 
+def check_data_objective(cfg: TrainConfig) -> None:
+    """In the driver, before any worker starts: refuse a multi-label pack under optim.objective=softmax
+    (pipeline.config.check_objective). Reads manifest.json alone, not the offsets sidecar that
+    load_manifest also loads; a missing manifest is left to the workers' load_manifest to report."""
+    if not cfg.data.root:
+        return
+    store = Store(cfg.data.root, cfg.data.s3_endpoint or None)
+    data = store.read_if_exists(MANIFEST)
+    if data is not None:
+        check_objective(cfg, json.loads(data), store.url(MANIFEST))
+
+
 def save_config(cfg: TrainConfig) -> str:
     """The resolved config, saved in the run directory (local or s3://), after check_resubmission has
     compared it with the one saved there by a previous submission (which this overwrites)."""
@@ -88,6 +101,7 @@ def fit(cfg: TrainConfig, train_loop=None):
     from .run import train_loop_per_worker
 
     validate(cfg)  # batch identity, mode, SAM x ZeRO: before any worker starts
+    check_data_objective(cfg)  # a multi-label pack under the softmax objective
     check_resubmission(cfg)  # a changed config must not silently continue the run's checkpoints
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}
     trainer = TorchTrainer(

@@ -17,16 +17,16 @@ import torch
 
 from data_prep.manifest import load_manifest
 from data_prep.storage import Store
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, check_objective
 from pipeline.data.augment import normalize
 from pipeline.data.loader import Layout, eval_loader, train_loader
 from pipeline.finetune.sources import build_model, check_classes, load_source, model_from_source
 from pipeline.formats.sharded import open_ray
 
 from .checkpoint import restore, snapshot, write_export, write_shard
-from .evaluate import evaluate
+from .evaluate import evaluate, metric_names
 from .sam import sam_ascend, sam_restore
-from .step import SkippableSGD, agc_at_boundary, deepspeed_config, lr_at, make_ema, peak_bf16_flops, seed_for, soft_cross_entropy
+from .step import SkippableSGD, agc_at_boundary, deepspeed_config, loss_for, lr_at, make_ema, peak_bf16_flops, seed_for
 
 log = logging.getLogger("nfnet.train")
 
@@ -60,6 +60,10 @@ class TrainRun:
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.manifest = load_manifest(cfg.data.root, self.endpoint)
         self.classes = self.manifest["classes"]
+        # The driver refused this already (ray_job.fit); again here for callers that start workers themselves.
+        check_objective(cfg, self.manifest, f"{cfg.data.root}/manifest.json")
+        # sigmoid: loaders yield multi-hot targets from every label of a sample (data_prep's json "labels")
+        self.multi_hot = cfg.optim.objective == "sigmoid"
 
     # ---- build -------------------------------------------------------------------------------
     def build(self) -> None:
@@ -116,7 +120,7 @@ class TrainRun:
             cfg.data.root, layout, self.rank, cfg.aug, workers=cfg.data.workers, prefetch=cfg.data.prefetch,
             split=cfg.data.train_split, seed=cfg.run.seed, start_step=start, shuffle_window=cfg.data.shuffle_window,
             endpoint=self.endpoint, decode_threads=cfg.data.decode_threads, s3_retry_s=cfg.data.s3_retry_s,
-            substitute_on_s3_outage=cfg.data.substitute_on_s3_outage,
+            substitute_on_s3_outage=cfg.data.substitute_on_s3_outage, multi_hot=self.multi_hot,
         )  # fmt: skip
         self.total_steps = cfg.total_steps(self.train_ds.total, self.flops_per_image)
         steps_per_epoch = self.train_ds.total / cfg.schedule.global_batch
@@ -188,9 +192,9 @@ class TrainRun:
                 self._checkpoint(metrics)
         if not getattr(self, "last_eval", None):  # resumed at the end (e.g. a failure after the last step): evaluate now
             self._evaluate(self.total_steps)
-        ev = self.last_eval
+        ev, names = self.last_eval, metric_names(cfg.optim.objective)
         self._write_results({
-            **{tag: {k: ev[f"heldout_{tag}_{k}"] for k in ("top1", "top5", "loss")} for tag in ("raw", "ema") if f"heldout_{tag}_loss" in ev},
+            **{tag: {k: ev[f"heldout_{tag}_{k}"] for k in names} for tag in ("raw", "ema") if f"heldout_{tag}_loss" in ev},
             "samples": ev.get("heldout_samples"), "bad_samples": ev.get("heldout_bad"),
             "pretraining": self.init_src.summary if self.init_src is not None else None,
             "training": self._training_counters(), "status": "ok",
@@ -211,6 +215,7 @@ class TrainRun:
         """loss of micro-batch a of this rank at `step`; stochastic depth/dropout seeded per (step, slot)
         so the SAM ascent pass and the main pass drop the same blocks."""
         cfg = self.cfg
+        criterion = loss_for(cfg.optim.objective)  # soft (B, C) targets either way: softmax or per-class sigmoid CE
 
         def loss_fn(module, a: int, batch: dict) -> torch.Tensor:
             torch.manual_seed(seed_for(cfg.run.seed, step, self.rank * self.A + a))
@@ -221,7 +226,7 @@ class TrainRun:
             if self.amp_dtype is not None and logits.dtype != self.amp_dtype:  # never train fp32 unawares
                 raise RuntimeError(f"run.precision=bf16 but the model computed {logits.dtype} logits: autocast did not "
                                    "reach the forward pass (DeepSpeed's torch_autocast section?)")  # fmt: skip
-            return soft_cross_entropy(logits, y)
+            return criterion(logits, y)
 
         return loss_fn
 
@@ -243,7 +248,8 @@ class TrainRun:
         d = self.cfg.data
         return eval_loader(d.root, d.eval_split, self.cfg.schedule.micro_batch, self.rank, self.world, self.cfg.aug,
                            workers=d.workers, endpoint=self.endpoint, decode_threads=d.decode_threads,
-                           s3_retry_s=d.s3_retry_s, substitute_on_s3_outage=d.substitute_on_s3_outage)[0]  # fmt: skip
+                           s3_retry_s=d.s3_retry_s, substitute_on_s3_outage=d.substitute_on_s3_outage,
+                           multi_hot=self.multi_hot)[0]  # fmt: skip
 
     def _evaluate(self, step: int) -> dict:
         cfg = self.cfg
@@ -252,8 +258,8 @@ class TrainRun:
         for tag, module in (("raw", self.module), ("ema", self.ema.module if self.ema is not None else None)):
             if module is None:
                 continue
-            r = evaluate(module, dl, self.device, self.amp_dtype, self.memory_format)
-            for k in ("loss", "top1", "top5"):
+            r = evaluate(module, dl, self.device, self.amp_dtype, self.memory_format, cfg.optim.objective)
+            for k in metric_names(cfg.optim.objective):  # sigmoid adds heldout/{tag}_map
                 out[f"heldout_{tag}_{k}"] = r[k]
                 if self.writer is not None:
                     self.writer.add_scalar(f"heldout/{tag}_{k}", r[k], step)
@@ -276,8 +282,8 @@ class TrainRun:
             if tag == "ema" and src.ema is None:
                 continue
             model = model_from_source(src, tag, cfg.model.overrides if src.kind != "timm" else {}).to(self.device)
-            r = evaluate(model, dl, self.device, self.amp_dtype, self.memory_format)
-            out[tag] = {k: r[k] for k in ("top1", "top5", "loss")}
+            r = evaluate(model, dl, self.device, self.amp_dtype, self.memory_format, cfg.optim.objective)
+            out[tag] = {k: r[k] for k in metric_names(cfg.optim.objective)}
             out.update(samples=r["samples"], bad_samples=r["bad"])
         self._write_results({**out, "pretraining": src.summary})
 
@@ -286,9 +292,10 @@ class TrainRun:
         if self.rank != 0:
             return
         cfg = self.cfg
+        # "objective": what top1/top5/loss mean, and whether there is a map (pipeline/train/evaluate.py)
         doc = {"mode": cfg.run.mode, "init_from": cfg.model.init_from, "data": cfg.data.root, "split": cfg.data.eval_split,
                "eval_res": cfg.aug.eval_res, "eval_crop": cfg.aug.eval_crop, "classes": len(self.classes),
-               "data_rejected": self.manifest.get("rejected", 0), **results}  # fmt: skip
+               "data_rejected": self.manifest.get("rejected", 0), "objective": cfg.optim.objective, **results}  # fmt: skip
         root = cfg.run.storage if cfg.run.storage.startswith("s3://") else os.path.abspath(cfg.run.storage)
         store = Store(f"{root.rstrip('/')}/{cfg.run.name}", self.endpoint)
         store.write_bytes_atomic("results.json", json.dumps(doc, indent=1).encode())
@@ -393,6 +400,9 @@ class TrainRun:
             "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "world_size": self.world,
             "resumes": c["resumes"], "resumed_from": c["resumed_from"],
             "global_batch": self.cfg.schedule.global_batch, "data": self.cfg.data.root,
+            # Informational: fine-tuning starts any export the same way (a new head for its classes), and
+            # says what the held-out numbers below mean (sigmoid: any-label top-1, mAP).
+            "objective": self.cfg.optim.objective,
             **getattr(self, "last_eval", {}),
         }  # fmt: skip
         dest = f"{self.cfg.run.storage.rstrip('/')}/{self.cfg.run.name}/export"

@@ -62,6 +62,24 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
+def sigmoid_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """optim.objective=sigmoid: mean over the batch of sum over classes of binary cross-entropy with
+    logits, -[y log s(z) + (1 - y) log(1 - s(z))], on (B, C) multi-hot (mixed, smoothed) targets;
+    logits cast to fp32.
+
+    Summed over classes, not averaged (BiT's and big_vision's `sigmoid_xent` on JFT): a mean over C
+    would shrink every gradient by 1/C (1/18k on JFT), so the lr recipe tuned for softmax, whose
+    cross-entropy is a sum over classes too, would no longer transfer; with the sum, one image's
+    gradient on a positive logit is (s(z) - 1), as in softmax. Averaged over the batch, like
+    soft_cross_entropy, so accumulation and world size mean the same thing for both objectives."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").sum(-1).mean()
+
+
+def loss_for(objective: str):
+    """The training loss of optim.objective (one of TrainConfig's Literal choices)."""
+    return {"softmax": soft_cross_entropy, "sigmoid": sigmoid_cross_entropy}[objective]
+
+
 def make_ema(module: torch.nn.Module, decay: float):
     """EMA of the weights in DM's tf1_ema form: d_t = min(decay, (1 + t) / (10 + t))."""
     from torch.optim.swa_utils import AveragedModel
