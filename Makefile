@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup test demo sweep-demo bench lock sample-data clean
+.PHONY: setup test demo sweep-demo bench lock sample-data clean cluster cluster-stop
 
 setup: $(STAMPS)/deps $(STAMPS)/ds-ops sample-data
 
@@ -51,6 +51,18 @@ demo: setup
 # A CPU scaling sweep (configs/sweeps/demo.yaml, ~25 min on 2 cores): runs/sweep-demo/report/report.md
 sweep-demo: setup
 	$(VENV)/bin/python -m launch.demo --sweep
+
+# A local Ray head with the demo's settings: token authentication (Ray >= 2.59 turns it on for local
+# clusters), dashboard and job server on 127.0.0.1:8265. Submit to it with
+#   export RAY_AUTH_MODE=token; python launch/submit.py -- python launch/pretrain_f7.py --preset demo
+cluster: setup
+	@RAY_AUTH_MODE=token ray get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 ray start --head --port 6379 --dashboard-host 127.0.0.1 \
+	  --dashboard-port 8265 --disable-usage-stats
+	@echo "submit with:  export RAY_AUTH_MODE=token; $(VENV)/bin/python launch/submit.py -- python launch/pretrain_f7.py --preset demo"
+
+cluster-stop:
+	$(VENV)/bin/ray stop
 
 bench: setup
 	$(VENV)/bin/python bench/model_step.py

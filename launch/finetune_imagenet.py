@@ -10,8 +10,9 @@ data.eval_split (top-1, top-5, loss; raw and EMA) without training. Results: {st
 from __future__ import annotations
 
 import json
+import sys
 
-from _common import absolutize, connect_ray, parse, print_config  # also puts the project on sys.path
+from _common import absolutize, check_cluster, connect_ray, guard, parse, preflight, print_config  # also puts the project on sys.path
 
 from data_prep.storage import Store
 from pipeline.config import resolve
@@ -26,10 +27,13 @@ def main() -> None:
     args = parse(__doc__.splitlines()[0], default_preset="finetune", extra=extra)
     sets = args.set + (["run.mode=eval", "run.export=false"] if args.eval_only else [])
     cfg = absolutize(resolve(args.preset, sets))
-    print_config(cfg)
     if args.print_config:
+        print_config(cfg, full=True)
         return
+    print_config(cfg)
+    preflight(cfg, data=False)  # the data may still have to be packed (prepare_data checks it then)
     connect_ray()
+    check_cluster(cfg)
     prepare_data(cfg, use_ray=True)
     print(f"config saved to {save_config(cfg)}", flush=True)
     fit(cfg)
@@ -46,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard(main))

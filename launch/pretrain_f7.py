@@ -5,7 +5,9 @@ Thin: resolve the config, connect to Ray, run the trainer, say where the results
 
 from __future__ import annotations
 
-from _common import absolutize, check_data, connect_ray, parse, print_config  # also puts the project on sys.path
+import sys
+
+from _common import absolutize, check_cluster, connect_ray, guard, parse, preflight, print_config  # also puts the project on sys.path
 
 from pipeline.config import resolve
 from pipeline.train.ray_job import fit, save_config
@@ -14,13 +16,15 @@ from pipeline.train.ray_job import fit, save_config
 def main() -> None:
     args = parse(__doc__.splitlines()[0], default_preset="f7")
     cfg = absolutize(resolve(args.preset, args.set))
-    print_config(cfg)
     if args.print_config:
+        print_config(cfg, full=True)
         return
+    print_config(cfg)
     print(f"global batch {cfg.schedule.global_batch} = micro {cfg.schedule.micro_batch} x accum {cfg.accum_steps} "
           f"x workers {cfg.run.num_workers}; peak lr {cfg.peak_lr:g}", flush=True)  # fmt: skip
-    check_data(cfg)
+    preflight(cfg)
     connect_ray()
+    check_cluster(cfg)
     print(f"config saved to {save_config(cfg)}", flush=True)
     result = fit(cfg)
     run = f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}"
@@ -34,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard(main))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from _common import connect_ray  # also puts the project on sys.path
+import os
+
+from _common import PATH_KEYS, connect_ray, guard, is_relative, submit_base  # also puts the project on sys.path
 
 from pipeline.scaling.__main__ import summarize
 from pipeline.sweep.runner import Sweep, run_sweep
@@ -29,7 +32,20 @@ def main() -> None:
     ap.add_argument("--plan", action="store_true", help="print the grid (params, FLOPs per image, steps, compute) and exit")
     ap.add_argument("--retry-failed", action="store_true", help="also retry points that used up their retries")
     ap.add_argument("--no-fit", action="store_true", help="train only; fit later with python -m pipeline.scaling fit")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = ap.parse_args()
+    base = submit_base()
+    if base is None:  # in Ray's copy of the working dir, with no submit dir on this machine
+        spec = load_spec(args.spec, args.set)
+        path_keys = {f"{section}.{key}" for section, key in PATH_KEYS}
+        sets = [s.split("=", 1) for s in args.point_set + args.finetune_set if "=" in s]
+        relative = [f"storage={spec.storage}"] if is_relative(spec.storage) else []
+        relative += [f"{k}={v}" for k, v in sets if k in path_keys and is_relative(v) and v != "fashion-mnist"]
+        if relative:
+            raise ValueError(f"{', '.join(relative)}: relative paths, but this job runs in Ray's copy of the working directory: "
+                             "use absolute or s3:// paths, or submit with launch/submit.py (a local cluster)")  # fmt: skip
+    elif base != os.getcwd():
+        os.chdir(base)  # the SPEC's relative paths (storage, data) mean what they mean where the user submitted
     spec = load_spec(args.spec, args.set)
     spec.set += args.point_set
     spec.finetune.set += args.finetune_set
@@ -52,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard(main))

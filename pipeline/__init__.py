@@ -1,6 +1,7 @@
 """The training system, one subpackage per stage (map and one sample's route: docs/architecture.md).
 
     config.py   the one typed config (every section, presets as data, validation); imports nothing of ours
+    cli/        for the launchers: --help from the dataclasses, checks before training (model, S3, resources)
     data/       manifest-driven loader, augmentation, S3 opener: shards -> batches
     finetune/   where initial weights come from (exports, checkpoints, timm files) and the fine-tuning data
     train/      Ray Train + DeepSpeed: the run loop, AGC, SGD, SAM, EMA, evaluation, checkpoints, export

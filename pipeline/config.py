@@ -19,27 +19,27 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    train_res: int = 192
-    eval_res: int = 256
+    train_res: int = 192  # training crop side in pixels
+    eval_res: int = 256  # evaluation crop side in pixels
     eval_crop: str = "squash"  # or "center"
     # Eval resizes to S + eval_pad, then centre-crops S. DM's +32 keeps 86% of the side at 224 px;
     # at 32 px it would keep only half of the image, so tiny presets use a proportional pad.
     eval_pad: int = 32
-    random_resized_crop: bool = True
-    min_area: float = 0.08
-    hflip: bool = True
+    random_resized_crop: bool = True  # Inception crop (else resize and centre crop)
+    min_area: float = 0.08  # smallest crop area fraction of the Inception crop
+    hflip: bool = True  # random horizontal flip
     randaug_layers: int = 4  # 0: off
-    randaug_magnitude: int = 5
+    randaug_magnitude: int = 5  # RandAugment magnitude on DM's 0-10 scale (above 10 is capped at 10)
     mixup_alpha: float = 0.2  # 0: off
     cutmix_alpha: float = 1.0  # 0: off
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # target = (1 - s) one-hot + s / classes
 
 
 @dataclass
 class ModelConfig:
-    name: str = "nfnet_f0"
-    width_mult: float = 1.0
-    depth_mult: float = 1.0
+    name: str = "nfnet_f0"  # nfnet_f0..f7, nfnet_f0plus..f7plus, or the CPU family nfnet_pico/nano/micro/tiny
+    width_mult: float = 1.0  # scales every stage width (group width scales with it)
+    depth_mult: float = 1.0  # scales blocks per stage
     overrides: dict = field(default_factory=dict)  # NFNetConfig fields (drop_rate, stochdepth_rate, ...)
     init_from: str = ""  # an export folder, a Ray Train checkpoint dir, or a timm/converted weights file (local or s3://)
     init_weights: str = "ema"  # from an export/checkpoint: "ema" (falls back to raw when absent) or "raw"
@@ -53,8 +53,8 @@ class DataConfig:
     val_labels: str = ""  # with `source`: labels CSV of a flat val/ (ImageNet's LOC_val_solution.csv)
     classes: str = ""  # declared classes: a file (one per line) or comma-separated; must equal the dataset's
     pack_resize: int = 0  # with `source`: shorter side of the packed images (0: keep)
-    train_split: str = "train"
-    eval_split: str = "heldout"
+    train_split: str = "train"  # the manifest split trained on
+    eval_split: str = "heldout"  # the manifest split evaluated on
     workers: int = 2  # DataLoader processes per training worker
     # Threads decoding JPEGs inside each loader process (0/1: inline). libjpeg-turbo releases the
     # GIL, so with light augmentation `workers=0, decode_threads=N` decodes in the training
@@ -64,20 +64,20 @@ class DataConfig:
     # step fails and Ray Train restores the last checkpoint: the epoch stays exact.
     s3_retry_s: float = 600.0
     substitute_on_s3_outage: bool = False  # instead: replace unreadable samples (counted in data/bad_samples)
-    prefetch: int = 2
-    shuffle_window: int = 4096
-    s3_endpoint: str = ""
+    prefetch: int = 2  # batches each DataLoader process prepares ahead
+    shuffle_window: int = 4096  # samples permuted together within a slot's span of the epoch
+    s3_endpoint: str = ""  # S3 endpoint URL (else AWS_ENDPOINT_URL, else AWS)
 
 
 @dataclass
 class OptimConfig:
     lr_base: float = 0.1  # per 256 images: peak lr = lr_base * global_batch / 256
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
     weight_decay: float = 2e-5  # coupled L2; never on gains, biases, skip gains
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = 5.0  # linear warm-up from 0 to the peak lr, then cosine to 0
     agc_clip: float = 0.01  # 0 disables AGC
-    agc_eps: float = 1e-3
+    agc_eps: float = 1e-3  # AGC floor on the weight norm
     ema_decay: float = 0.99999  # tf1_ema form: min(decay, (1+t)/(10+t)); 0 disables EMA
     sam_rho: float = 0.0  # SAM radius (0: off); needs run.zero_stage=0 (pipeline/train/sam.py)
     # softmax: cross-entropy on one label per image. sigmoid: binary cross-entropy per class on
@@ -88,40 +88,40 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    global_batch: int = 4096
-    micro_batch: int = 64
-    epochs: float = 0.0
-    samples: int = 0
-    train_flops: float = 0.0
+    global_batch: int = 4096  # images per optimizer step = micro_batch x accumulation x num_workers
+    micro_batch: int = 64  # images per worker per forward/backward
+    epochs: float = 0.0  # training length in epochs (exactly one of epochs, samples, train_flops)
+    samples: int = 0  # training length in images
+    train_flops: float = 0.0  # training length in FLOPs (sweeps)
     eval_every: int = 0  # steps; 0: only at the end
     ckpt_every: int = 0  # steps; 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    log_every: int = 1
+    log_every: int = 1  # steps between step lines and TensorBoard points
 
 
 @dataclass
 class RunConfig:
-    name: str = "nfnet"
+    name: str = "nfnet"  # run directory {storage}/{name}; the same name continues the run
     mode: str = "train"  # "train", or "eval": evaluate model.init_from on data.eval_split, write results.json
     storage: str = "runs"  # local path or s3://bucket/prefix
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
+    num_workers: int = 2  # training workers (one per GPU)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: int = 1  # CPUs reserved per worker (its DataLoader processes run on them)
     # ZeRO-3 partitions the weights themselves, which the EMA copy and the checkpoint gather do not handle.
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed ZeRO stage: 1 partitions momentum, 2 also gradients
     # bf16: fp32 weights, gradients, all-reduce, AGC, SGD and EMA; forward/backward math in bf16 autocast
     # (docs/precision.md). auto: bf16 on GPU, fp32 on CPU. No fp16: it needs loss scaling, NFNets train in bf16.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (docs/precision.md)
     compile: bool = False  # torch.compile the model through DeepSpeed's engine.compile()
     channels_last: bool = False  # NHWC input batches (timm measured NFNet-F0 2.4x slower channels-last on an RTX 3090)
-    seed: int = 0
+    seed: int = 0  # seeds sample order, augmentation, stochastic depth, init
     # Worker-group restarts from the latest checkpoint before fit() gives up. A multi-day run on 64
     # GPUs sees several node losses, each costing at most ckpt_every steps; Ray Train counts per
     # fit() call, so a re-submission starts a fresh count. Sweeps set 0 (they retry points themselves).
     max_failures: int = 10
     placement: str = "PACK"  # Ray placement of the workers: PACK (fill nodes), SPREAD (one per node where possible), STRICT_*
-    export: bool = True
+    export: bool = True  # write {storage}/{name}/export at the end (the folder fine-tuning reads)
     device_peak_flops: float = 0.0  # per worker; for MFU (0: known GPUs only)
 
 
@@ -315,7 +315,12 @@ def _build(cls, d: dict):
         kwargs[f.name] = _build(t, v) if dataclasses.is_dataclass(t) and isinstance(v, dict) else v
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        import difflib
+
+        section = _SECTIONS.get(cls.__name__, cls.__name__)
+        names = [f.name for f in dataclasses.fields(cls)]
+        hints = [m for u in sorted(unknown) for m in difflib.get_close_matches(u, names, n=1)]
+        raise ValueError(f"unknown {section} fields {sorted(unknown)}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
     return cls(**kwargs)
 
 
@@ -343,19 +348,35 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node_cls, node = TrainConfig, d
-        for p in parts[:-1]:
-            hints = typing.get_type_hints(node_cls)
-            if p not in hints or not dataclasses.is_dataclass(hints[p]):
-                raise ValueError(f"unknown config section {p!r} in {key!r}; sections: {sorted(n for n in d)}")
-            node_cls, node = hints[p], node[p]
-        hints = typing.get_type_hints(node_cls)
-        leaf = parts[-1]
-        if leaf not in hints:
-            raise ValueError(f"unknown config key {key!r}; {node_cls.__name__} has {sorted(hints)}")
-        node[leaf] = _parse_value(value.strip(), hints[leaf])
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in d or not isinstance(d[parts[0]], dict) or parts[1] not in d[parts[0]]:
+            raise ValueError(f"unknown config key {key!r}{_did_you_mean(key, d)}")
+        section, leaf = parts
+        typ = typing.get_type_hints(typing.get_type_hints(TrainConfig)[section])[leaf]
+        try:
+            d[section][leaf] = _parse_value(value.strip(), typ)
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{key}={value}: expected {_type_name(typ)} ({e})") from None
     return TrainConfig.from_dict(d)
+
+
+def _did_you_mean(key: str, d: dict) -> str:
+    """'; did you mean x.y?' from every section.field (a misspelt field, or a field under another
+    section: `optim.global_batch` -> schedule.global_batch), else where the list is."""
+    import difflib
+
+    keys = [f"{s}.{f}" for s, fields in d.items() if isinstance(fields, dict) for f in fields]
+    leaf = key.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6) or [k for k in keys if k.endswith(f".{leaf}")]
+    near = near or [k for k in keys if difflib.get_close_matches(leaf, [k.split(".")[1]], cutoff=0.75)]
+    return f"; did you mean {' or '.join(near[:3])}?" if near else "; `--help` lists every key"
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(typ)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(typ, "JSON")
 
 
 # ---- presets: data, not code -------------------------------------------------------------------
@@ -438,6 +459,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.optim.sam_rho > 0 and cfg.run.zero_stage != 0:
         raise ValueError(f"optim.sam_rho > 0 (SAM) needs run.zero_stage=0, got {cfg.run.zero_stage}: its ascent "
                          "step reads full local gradients, which ZeRO-1/2 partition")  # fmt: skip
+    check_ranges(cfg)
+    check_choices(cfg)
 
 
 def check_objective(cfg: TrainConfig, manifest: dict, where: str) -> None:
@@ -449,3 +472,82 @@ def check_objective(cfg: TrainConfig, manifest: dict, where: str) -> None:
         verb = "evaluate against" if cfg.run.mode == "eval" else "train on"
         raise ValueError(f"{where} is multi-label but optim.objective is 'softmax', which would {verb} each sample's "
                          "first label only: set optim.objective=sigmoid")  # fmt: skip
+
+
+# ---- ranges and exclusive choices: the domains the math has (a negative learning rate or a smoothing
+# of 1 trains nothing useful, and used to be found late, in the workers, or not at all) ----------------
+# (dotted key, predicate, what is valid). Probabilities and decays live in [0, 1) or (0, 1].
+RANGES: tuple[tuple[str, object, str], ...] = (
+    ("model.width_mult", lambda v: v > 0, "> 0"),
+    ("model.depth_mult", lambda v: v > 0, "> 0"),
+    ("data.workers", lambda v: v >= 0, ">= 0"),
+    ("data.decode_threads", lambda v: v >= 0, ">= 0"),
+    ("data.prefetch", lambda v: v >= 1, ">= 1"),
+    ("data.shuffle_window", lambda v: v >= 1, ">= 1"),
+    ("data.s3_retry_s", lambda v: v >= 0, ">= 0 seconds"),
+    ("data.pack_resize", lambda v: v >= 0, ">= 0 (0: keep)"),
+    ("aug.train_res", lambda v: v >= 8, ">= 8 pixels"),
+    ("aug.eval_res", lambda v: v >= 8, ">= 8 pixels"),
+    ("aug.eval_pad", lambda v: v >= 0, ">= 0 pixels"),
+    ("aug.min_area", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("aug.randaug_layers", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("aug.randaug_magnitude", lambda v: v >= 0, ">= 0 (DM's 0-10 scale; above 10 is capped, pipeline/data/augment.py)"),
+    ("aug.mixup_alpha", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("aug.cutmix_alpha", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("aug.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.lr_base", lambda v: v > 0, "> 0 (per 256 images)"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.agc_clip", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("optim.agc_eps", lambda v: v > 0, "> 0"),
+    ("optim.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    ("optim.sam_rho", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("schedule.global_batch", lambda v: v >= 1, ">= 1"),
+    ("schedule.micro_batch", lambda v: v >= 1, ">= 1"),
+    ("schedule.epochs", lambda v: v >= 0, ">= 0"),
+    ("schedule.samples", lambda v: v >= 0, ">= 0"),
+    ("schedule.train_flops", lambda v: v >= 0, ">= 0"),
+    ("schedule.eval_every", lambda v: v >= 0, ">= 0 steps (0: at the end)"),
+    ("schedule.ckpt_every", lambda v: v >= 0, ">= 0 steps (0: at the end)"),
+    ("schedule.keep_checkpoints", lambda v: v >= 1, ">= 1"),
+    ("schedule.max_bad_steps", lambda v: v >= 1, ">= 1"),
+    ("schedule.log_every", lambda v: v >= 1, ">= 1"),
+    ("run.num_workers", lambda v: v >= 1, ">= 1"),
+    ("run.cpus_per_worker", lambda v: v > 0, "> 0"),
+    ("run.max_failures", lambda v: v >= -1, ">= -1 (-1: unlimited)"),
+    ("run.device_peak_flops", lambda v: v >= 0, ">= 0 (0: known GPUs only)"),
+)
+
+PLACEHOLDER = "YOUR-BUCKET"  # the f7 preset's (and infra/kuberay's) stand-in for the user's bucket
+
+
+def check_ranges(cfg) -> None:
+    for key, ok, valid in RANGES:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if isinstance(v, float) and not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{key} must be {valid}, got {v!r}")
+
+
+def check_choices(cfg) -> None:
+    s = cfg.schedule
+    lengths = [f"schedule.{n}={v:g}" for n, v in (("epochs", s.epochs), ("samples", s.samples), ("train_flops", s.train_flops)) if v]
+    if len(lengths) > 1:
+        raise ValueError(f"set exactly one training length, got {' and '.join(lengths)}: schedule.epochs, samples and "
+                         "train_flops exclude each other (the others 0)")  # fmt: skip
+    if not lengths and cfg.run.mode == "train":
+        raise ValueError("no training length: set exactly one of schedule.epochs, schedule.samples or schedule.train_flops")
+    if cfg.aug.eval_crop not in ("squash", "center"):
+        raise ValueError(f"aug.eval_crop must be 'squash' or 'center', got {cfg.aug.eval_crop!r}")
+
+
+def check_placeholders(cfg) -> None:
+    """The f7 preset ships with s3://YOUR-BUCKET paths: run only once they name a real bucket. Not part
+    of validate(): --print-config shows the preset as it is, placeholder included."""
+    for key in ("data.root", "run.storage", "model.init_from", "data.source"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if PLACEHOLDER in str(v):
+            raise ValueError(f"{key}={v} is the preset's placeholder bucket: set --set {key}=s3://<your bucket>/... "
+                             "(or a local path)")  # fmt: skip

@@ -151,7 +151,8 @@ def test_repository_has_no_cycles_and_follows_directions():
 def test_pipeline_is_split_into_declared_stages():
     modules, packages = scan(REPO)
     stages = {p for p in packages if p.startswith("pipeline.")}
-    assert stages == {"pipeline.data", "pipeline.finetune", "pipeline.train", "pipeline.sweep", "pipeline.scaling", "pipeline.formats"}
+    assert stages == {"pipeline.data", "pipeline.finetune", "pipeline.train", "pipeline.sweep", "pipeline.scaling", "pipeline.formats",
+                      "pipeline.cli"}
     loose = sorted(m for m in modules if owner(m, packages, modules) == "pipeline" and m != "pipeline")
     assert loose == ["pipeline.config"], loose  # only the one config sits beside the stages
 

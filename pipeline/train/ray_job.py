@@ -91,6 +91,19 @@ def save_config(cfg: TrainConfig) -> str:
     return store.url("config.json")
 
 
+def quiet_ray_train(cfg: TrainConfig) -> None:
+    """Ray Train settings for readable output; Ray propagates both from the driver's environment to its
+    controller and workers, and a value the user exported wins.
+    - The print patch sends each print of a worker through Ray Train's logger as well: rank 0's step
+      lines appeared twice. Off, a print reaches the job's output once (Ray's log forwarding).
+    - The preemption watcher (an actor reacting to node drains, for spot instances) makes Ray core log
+      an error-level line about its constructor arguments on every healthy run. Off on CPU runs; GPU
+      runs keep Ray's default (on), where spot preemption is what it is for."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not cfg.run.use_gpu:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def fit(cfg: TrainConfig, train_loop=None):
     """Run training to completion; a run with the same (storage, name) resumes from its latest checkpoint.
     `train_loop` replaces the function every worker runs (default: run.train_loop_per_worker); tests
@@ -103,6 +116,7 @@ def fit(cfg: TrainConfig, train_loop=None):
     validate(cfg)  # batch identity, mode, SAM x ZeRO: before any worker starts
     check_data_objective(cfg)  # a multi-label pack under the softmax objective
     check_resubmission(cfg)  # a changed config must not silently continue the run's checkpoints
+    quiet_ray_train(cfg)
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}
     trainer = TorchTrainer(
         train_loop or train_loop_per_worker,

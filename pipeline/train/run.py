@@ -31,6 +31,20 @@ from .step import SkippableSGD, agc_at_boundary, deepspeed_config, loss_for, lr_
 log = logging.getLogger("nfnet.train")
 
 
+def step_line(step: int, total: int, steps_per_epoch: float, elapsed: float, rate: float, loss: float, lr: float,
+              clipped: float, ips: float) -> str:  # fmt: skip
+    """`step 120/900 epoch 1.33 loss 2.3012 lr 0.4 agc-clipped 0.012 5210 img/s elapsed 4:05 eta 26:30`.
+    elapsed counts earlier attempts too (from the checkpoint); the ETA uses this attempt's rate in steps/s."""
+
+    def hms(s: float) -> str:
+        s = int(s)
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+    eta = hms((total - step) / rate) if rate > 0 else "?"
+    return (f"step {step}/{total} epoch {step / steps_per_epoch:.2f} loss {loss:.4f} lr {lr:.4g} agc-clipped {clipped:.3f} "
+            f"{ips:.0f} img/s elapsed {hms(elapsed)} eta {eta}")
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -128,6 +142,7 @@ class TrainRun:
         it = iter(self.train_dl)
         bad_in_row, t_last, imgs_since = 0, time.perf_counter(), 0
         t_run = time.perf_counter() - self.counters["wall_time_s"]
+        first_step, t_attempt = self.counters["step"], time.perf_counter()  # the ETA's rate: this attempt's steps and time
         for step in range(start, self.total_steps):
             lr = lr_at(step, cfg, steps_per_epoch, self.total_steps)
             for group in self.opt.param_groups:
@@ -177,8 +192,10 @@ class TrainRun:
             if self.writer is not None and (step + 1) % cfg.schedule.log_every == 0:
                 ips = imgs_since / max(time.perf_counter() - t_last, 1e-9)
                 self._log_train(step + 1, mean_loss, lr, stats, ips, skipped)
-                print(f"step {step + 1}/{self.total_steps} loss {mean_loss:.4f} lr {lr:.4g} "
-                      f"agc-clipped {stats.clip_fraction:.3f} {ips:.0f} img/s", flush=True)  # fmt: skip
+                if self.rank == 0:
+                    now = time.perf_counter()
+                    print(step_line(step + 1, self.total_steps, steps_per_epoch, now - t_run, (c["step"] - first_step) / (now - t_attempt),
+                                    mean_loss, lr, stats.clip_fraction, ips), flush=True)  # fmt: skip
                 t_last, imgs_since = time.perf_counter(), 0
             c["wall_time_s"] = time.perf_counter() - t_run
             last = step + 1 == self.total_steps
@@ -264,6 +281,10 @@ class TrainRun:
                 if self.writer is not None:
                     self.writer.add_scalar(f"heldout/{tag}_{k}", r[k], step)
             out["heldout_samples"], out["heldout_bad"] = r["samples"], r["bad"]
+        if self.rank == 0:  # its own line, not only inside Ray's TrainingReport dumps
+            shown = "  ".join(f"{tag} " + " ".join(f"{k} {out[f'heldout_{tag}_{k}']:.4f}" for k in metric_names(cfg.optim.objective))
+                              for tag in ("raw", "ema") if f"heldout_{tag}_loss" in out)  # fmt: skip
+            print(f"eval step {step}: {cfg.data.eval_split} ({out.get('heldout_samples')} images)  {shown}", flush=True)
         self.last_eval = out
         return out
 
