@@ -55,13 +55,15 @@ def test_synthetic_law_is_recovered_within_the_reported_intervals(seed, kind):
     computes, so each model's loss is interpolated to common compute levels."""
     t = TRUE
     rows = synthetic_rows(seed, drop={"m0_b4", "m9_b0", "m4_b2"}, diverged={"m7_b1", "m2_b3"}, failed={"m5_b4"}, kind=kind)
-    r = analyze(rows, train_size=1e6, draws=200, seed=seed)
+    r = analyze(rows, train_size=1e6, draws=60, seed=seed)
     assert r["status"] == {"ok": 44, "diverged": 2, "failed": 1}
     assert {c.point for c in r["cells"]}.isdisjoint({"m7_b1", "m2_b3", "m5_b4", "m0_b4"}) and len(r["cells"]) == 44
     iv = r["intervals"]
     b_true = t["alpha"] * t["beta"] / (t["alpha"] + t["beta"])
-    _within(b_true, iv["saturating"]["b"], "saturating exponent b")
-    _within(t["E"], iv["saturating"]["E"], "irreducible loss E")
+    # Point estimates here; whether the 95% intervals hold the truth in most seeds (they miss it in
+    # about one seed of twenty, as they should) is tests/test_scaling_recovery.py's question. The
+    # frontier curve rests on 5 best-of-grid points that sit above the true envelope.
+    assert abs(r["surface"].b - b_true) < 0.015 and abs(r["surface"].E - t["E"]) < 0.25
     assert abs(r["saturating"].b - b_true) < 0.05 and abs(r["saturating"].E - t["E"]) < 0.4
     # The pure power law cannot bend: its exponent is smaller than the saturating one's.
     assert r["power"].b < r["saturating"].b
@@ -71,11 +73,12 @@ def test_synthetic_law_is_recovered_within_the_reported_intervals(seed, kind):
     assert abs(r["optimal"].a_n - a_n) < 0.1
     ex = r["extrapolation"]
     assert ex["held_out_budget"] == ("b4" if kind == "samples" else "2.43e+14flops") and abs(ex["saturating"]["relative_error"]) < 0.03
+    assert ex["surface"]["verdict"] == "pass" and abs(ex["surface"]["relative_error"]) < 0.01
 
 
 def test_a_wrong_law_is_not_recovered():
     """The intervals are not so wide that anything fits: a different true exponent lies outside them."""
-    r = analyze(synthetic_rows(0), train_size=1e6, draws=200)
+    r = analyze(synthetic_rows(0), train_size=1e6, draws=60)
     lo, hi = r["intervals"]["saturating"]["b"]
     assert not (lo <= 0.3 <= hi) and not (lo <= 0.05 <= hi)
 
@@ -107,7 +110,7 @@ def test_table_round_trip_and_cli_report(tmp_path, ext, capsys):
     assert [r["point"] for r in back] == [r["point"] for r in rows]
     assert back[3]["heldout_loss"] == pytest.approx(rows[3]["heldout_loss"]) 
     assert math.isnan(next(r for r in back if r["point"] == "m1_b1")["heldout_loss"])
-    assert main(["fit", url, "--bootstrap", "50"]) == 0
+    assert main(["fit", url, "--bootstrap", "20"]) == 0
     out = capsys.readouterr().out
     assert "saturating: L(C) =" in out and "compute-optimal: N* ~ C^" in out
     report = (tmp_path / "report" / "report.md").read_text()

@@ -10,6 +10,8 @@ NEVER_IMPORT = ("deepspeed", "ray", "torch.nn", "torch.distributed")
 
 from .analysis import analyze, cells
 from .fit import fit_table
-from .laws import Cell, OptimalFit, PowerFit, Refusal, compute_optimal, fit_power, frontier
+from .laws import Cell, OptimalFit, PowerFit, Refusal, budget_key, compute_optimal, fit_power, frontier
+from .surface import SurfaceFit, fit_cells, fit_surface
 
-__all__ = ["analyze", "cells", "fit_table", "Cell", "OptimalFit", "PowerFit", "Refusal", "compute_optimal", "fit_power", "frontier"]
+__all__ = ["analyze", "cells", "fit_table", "Cell", "OptimalFit", "PowerFit", "Refusal", "budget_key", "compute_optimal", "fit_power",
+           "frontier", "SurfaceFit", "fit_cells", "fit_surface"]

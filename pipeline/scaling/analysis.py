@@ -3,9 +3,10 @@
     rows (one per run) --cells()--> best-lr cells --analyze()--> {"frontier", "fits", "optimal", ...}
 
 Only rows with status "ok" and a finite loss enter a fit; diverged and failed runs are counted and
-listed in the report. Intervals: a nonparametric bootstrap over cells (resample the (model, budget)
-cells with replacement, refit everything, 2.5/97.5 percentiles of each parameter over the draws
-that could be fitted; the share of such draws is reported with the interval).
+listed in the report. Four approaches: the frontier (one point per budget) with a saturating and a
+pure power law, isoFLOP parabolas (laws.py) and the L(N, D) surface (surface.py); 95% bootstrap
+intervals and the extrapolation check are in intervals.py. Where two approaches estimate the same
+quantity and their intervals do not overlap, `disagreements` says so.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from .laws import Cell, OptimalFit, PowerFit, Refusal, compute_optimal, fit_error_vs_compute, fit_power, frontier
+from .intervals import extrapolation, intervals_of, overlaps, residual_curves, values, within_budgets
+from .laws import Cell, PowerFit, Refusal, compute_optimal, finetune_envelope, fit_error_vs_compute, fit_power, frontier
+from .surface import fit_cells
 
 
 def _f(x) -> float:
@@ -47,68 +50,56 @@ def cells(rows: list[dict], metric: str = "heldout_loss") -> list[Cell]:
     return sorted(out, key=lambda c: (c.params, c.compute))
 
 
-def _fit_all(cs: list[Cell], train_size: float, warm: dict | None = None) -> dict:
+def _fit_all(cs: list[Cell], train_size: float) -> dict:
     fr = frontier(cs)
-    sat_warm = (warm or {}).get("saturating")
+    c, l = [x.compute for x in fr], [x.loss for x in fr]
     return {
         "frontier": fr,
-        "saturating": fit_power([c.compute for c in fr], [c.loss for c in fr], saturating=True,
-                                warm=sat_warm if isinstance(sat_warm, PowerFit) else None),
-        "power": fit_power([c.compute for c in fr], [c.loss for c in fr], saturating=False),
+        "saturating": fit_power(c, l, saturating=True),
+        "power": fit_power(c, l, saturating=False),
+        "surface": fit_cells(cs),
         "optimal": compute_optimal(cs, train_size),
         "finetune": fit_error_vs_compute(cs),
     }
 
 
-def _params(fit) -> dict[str, float]:
-    """The scalars of a fit that get intervals."""
-    if isinstance(fit, PowerFit):
-        return {"E": fit.E, "a": fit.a, "b": fit.b}
-    if isinstance(fit, OptimalFit):
-        return {"a_N": fit.a_n, "a_D": fit.a_d, "k_N": fit.k_n, "k_D": fit.k_d}
-    return {}
-
-
-def bootstrap(cs: list[Cell], train_size: float, draws: int, seed: int = 0, warm: dict | None = None) -> dict[str, dict]:
-    """{fit name: {param: (lo, hi), "_ok": share of draws fitted}}."""
+def bootstrap(cs: list[Cell], train_size: float, draws: int, seed: int = 0, main: dict | None = None) -> dict[str, dict]:
+    """{fit name: {param: (lo, hi), "_ok": share of draws fitted}}; the schemes are in intervals.py:
+    the surface and isoFLOP fits on within-budget resamples, the frontier curves on residuals."""
     rng = np.random.default_rng(seed)
-    samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    ok: dict[str, int] = defaultdict(int)
+    main = main or _fit_all(cs, train_size)
+    refits: dict[str, list] = {"surface": [], "optimal": []}
     for _ in range(draws):
-        pick = [cs[i] for i in rng.integers(0, len(cs), len(cs))]
-        for name, fit in _fit_all(pick, train_size, warm).items():
-            if name == "frontier" or isinstance(fit, Refusal):
-                continue
-            ok[name] += 1
-            for k, v in _params(fit).items():
-                samples[name][k].append(v)
-    out = {}
-    for name, params in samples.items():
-        out[name] = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in params.items()}
-        out[name]["_ok"] = ok[name] / draws
-    return out
-
-
-def extrapolation(cs: list[Cell], rows: list[dict], train_size: float) -> dict | Refusal:
-    """Fit without the largest budget, predict the best loss the largest budget reached."""
-    what = "extrapolation check"
-    by_budget: dict[str, list[Cell]] = defaultdict(list)
-    for c in cs:
-        by_budget[c.budget].append(c)
-    if len(by_budget) < 2:
-        return Refusal(what, "one budget only")
-    largest = max(by_budget, key=lambda b: np.mean([c.compute for c in by_budget[b]]))
-    held = min(by_budget[largest], key=lambda c: c.loss)
-    rest = [c for c in cs if c.budget != largest and c.compute < held.compute]  # a true extrapolation in C
-    out = {"held_out_budget": largest, "compute": held.compute, "actual_loss": held.loss, "model": held.model}
-    fr = frontier(rest)
+        pick = within_budgets(cs, rng)
+        refits["surface"].append(fit_cells(pick))
+        refits["optimal"].append(compute_optimal(pick, train_size))
+    fr = main["frontier"]
     for name, sat in (("saturating", True), ("power", False)):
-        fit = fit_power([c.compute for c in fr], [c.loss for c in fr], saturating=sat)
-        if isinstance(fit, Refusal):
-            out[name] = {"refused": fit.reason}
-        else:
-            pred = float(fit(held.compute))
-            out[name] = {"predicted_loss": pred, "relative_error": (pred - held.loss) / held.loss}
+        if isinstance(main[name], PowerFit):
+            refits[name] = residual_curves([c.compute for c in fr], [c.loss for c in fr], main[name], sat, rng, draws)
+    if isinstance(main["finetune"], PowerFit):
+        ft = finetune_envelope(cs)
+        refits["finetune"] = residual_curves([c.compute for c in ft], [1 - c.finetune_top1 for c in ft], main["finetune"], False, rng, draws)
+    return {name: intervals_of(fits, draws) for name, fits in refits.items() if not isinstance(main.get(name), Refusal)}
+
+
+# The approaches side by side: which fit gives which quantity. The pure power law's b is the slope of
+# L itself, not of L - E, so it is shown but never compared (it is smaller whenever E > 0).
+APPROACHES = (("saturating", "frontier L = E + a C^-b"), ("power", "frontier L = a C^-b"),
+              ("optimal", "isoFLOP parabolas (approach 2)"), ("surface", "L(N, D) surface (approach 3)"))  # fmt: skip
+COMPARED = {"b": ("saturating", "surface"), "E": ("saturating", "surface"), "a_N": ("optimal", "surface"),
+            "a_D": ("optimal", "surface")}  # fmt: skip
+
+
+def disagreements(result: dict) -> list[str]:
+    """Quantities two approaches estimate whose 95% intervals do not overlap."""
+    iv = result.get("intervals", {})
+    out = []
+    for k, (x, y) in COMPARED.items():
+        a, b = iv.get(x, {}).get(k), iv.get(y, {}).get(k)
+        if a and b and not overlaps(a, b):
+            vx, vy = values(result.get(x)).get(k), values(result.get(y)).get(k)
+            out.append(f"{k}: {x} {vx:.4g} [{a[0]:.4g}, {a[1]:.4g}] vs {y} {vy:.4g} [{b[0]:.4g}, {b[1]:.4g}]")
     return out
 
 
@@ -125,7 +116,8 @@ def analyze(rows: list[dict], *, train_size: float, metric: str = "heldout_loss"
         result["refusal"] = Refusal("all fits", f"{len(cs)} usable (model, budget) cells; at least 3 are needed")
         return result
     result.update(_fit_all(cs, train_size))
-    result["intervals"] = bootstrap(cs, train_size, draws, seed, warm=result) if draws else {}
-    result["extrapolation"] = extrapolation(cs, rows, train_size)
+    result["intervals"] = bootstrap(cs, train_size, draws, seed, main=result) if draws else {}
+    result["disagreements"] = disagreements(result)
+    result["extrapolation"] = extrapolation(cs, draws, seed + 1)
     result["lr_at_edge"] = [f"{c.model} @ {c.budget} (lr {c.lr:g} of {list(c.lrs_tried)})" for c in cs if c.lr_at_edge]
     return result

@@ -1,7 +1,8 @@
 """Scaling laws fitted to a sweep's cells (one best-lr run per model and budget).
 
 Three fits, all in log space with a robust (soft-L1) loss, so one bad run bends nothing much:
-  * frontier: the lower envelope of held-out loss L against training compute C (FLOPs), and on it
+  * frontier: the lower envelope of held-out loss L against training compute C (FLOPs), one point
+    per budget (the best cell of each; see `budget_key`), and on it
       saturating   L(C) = E + a * C^(-b)      (Scaling ViT; "ConvNets Match ViTs at Scale")
       pure power   L(C) = a * C^(-b)          (a straight line on log-log axes)
   * compute-optimal size, isoFLOP style (Chinchilla approach 2): at each compute level C, a parabola
@@ -9,6 +10,7 @@ Three fits, all in log space with a robust (soft-L1) loss, so one bad run bends 
     computes, so each model's loss is interpolated (log-log, never extrapolated) to the level.
     Then N*(C) = k_N C^(a_N) and D*(C) = C / F(N*) = k_D C^(a_D), F = training FLOPs per image.
   * fine-tuned error (1 - top-1) against pretraining compute, as a power law.
+Chinchilla's approach 3 (one surface L(N, D) through every cell) is in surface.py.
 Where the data cannot carry a fit, the result is a `Refusal` with the reason, never a number.
 """
 
@@ -62,6 +64,7 @@ class PowerFit:
     b: float
     rmse: float
     n: int
+    at_bound: tuple = ()  # "E-", "E+", "b+", ...: parameters that ended on a bound of the fit (side)
 
     def __call__(self, c):
         return self.E + self.a * np.power(np.asarray(c, dtype=float), -self.b)
@@ -80,41 +83,89 @@ class OptimalFit:
 
 
 # ---- the frontier --------------------------------------------------------------------------------
-def frontier(cells: list[Cell]) -> list[Cell]:
-    """Lower envelope: cells whose loss beats every cell of smaller compute (ordered by compute)."""
-    out, best = [], math.inf
-    for c in sorted(cells, key=lambda c: (c.compute, c.loss)):
-        if c.loss < best or (out and c is out[-1]):  # a cell drawn twice by the bootstrap counts twice
+def budget_key(c: Cell) -> float:
+    """The compute a cell's budget stands for. A budget in FLOPs is spent in whole steps, so its
+    models train budget .. budget + one step's FLOPs: they are one point, at the nominal budget. A
+    budget below one step of a big model runs one whole step (compute > 1.5 x budget): that cell is
+    not on the level and stands at its own compute, as do cells of epoch and sample budgets (there
+    each model's compute differs by its FLOPs per image)."""
+    if math.isfinite(c.budget_flops) and c.compute <= 1.5 * c.budget_flops:
+        return float(c.budget_flops)
+    return float(c.compute)
+
+
+def best_per_budget(cells: list[Cell], value=lambda c: c.loss) -> list[Cell]:
+    """The cell of lowest `value` at each budget_key, ordered by that key."""
+    best: dict[float, Cell] = {}
+    for c in cells:
+        k = budget_key(c)
+        if k not in best or value(c) < value(best[k]):
+            best[k] = c
+    return [best[k] for k in sorted(best)]
+
+
+def envelope(cells: list[Cell], value=lambda c: c.loss) -> list[Cell]:
+    """Lower envelope with one point per budget: the best cell of each budget, kept if it beats the
+    best of every smaller budget. Without the per-budget step, a worse model whose whole steps
+    happened to spend a few FLOPs less than its budget's best joined the envelope and bent the fit
+    (noise-free saturating fit: b = 0.106 instead of 0.139 at truth 0.154)."""
+    out, lowest = [], math.inf
+    for c in best_per_budget(cells, value):
+        if value(c) < lowest:
             out.append(c)
-            best = c.loss
+            lowest = value(c)
     return out
 
 
-def _robust(fun, x0, bounds, f_scale):
-    return least_squares(fun, x0, bounds=bounds, loss="soft_l1", f_scale=f_scale, max_nfev=4000)
+def frontier(cells: list[Cell]) -> list[Cell]:
+    """Compute-optimal frontier of held-out loss: `envelope` of the cells (ordered by compute)."""
+    return envelope(cells)
+
+
+def _robust(fun, x0, bounds, f_scale, jac="2-point"):
+    return least_squares(fun, x0, jac=jac, bounds=bounds, loss="soft_l1", f_scale=f_scale, max_nfev=4000)
+
+
+SATURATING_STARTS = 2  # least_squares runs from the best points of the start grid
+
+
+def _saturating_starts(x, y, lmin: float, f_scale: float, warm) -> list[list[float]]:
+    """The best starts (E, ln A, b) of a 5 x 4 grid in E (0 .. 0.9 min L) and b, where the flat
+    valleys of this three-parameter fit lie; ln A by least squares given E and b (log(L - E) + b x
+    averaged). Ranked by the soft-L1 cost, which numpy evaluates at all 20 at once."""
+    grid = np.array([(f * lmin, b0) for f in (1e-3, 0.25, 0.5, 0.75, 0.9) for b0 in (0.03, 0.1, 0.3, 1.0)])
+    if warm is not None:
+        grid = np.vstack([grid, [min(warm.E, 0.99 * lmin), warm.b]])
+    e, b = grid[:, :1], grid[:, 1:]
+    ln_a = np.clip((np.log(np.exp(y) - e) + b * x).mean(axis=1, keepdims=True), -29, 29)
+    z = ((np.log(e + np.exp(ln_a - b * x)) - y) / f_scale) ** 2
+    cost = (2 * (np.sqrt(1 + z) - 1)).sum(axis=1)
+    order = np.argsort(cost)[:SATURATING_STARTS]
+    return [[float(e[i, 0]), float(ln_a[i, 0]), float(b[i, 0])] for i in order]
 
 
 def fit_power(compute, loss, *, saturating: bool, f_scale: float = 0.02, warm: PowerFit | None = None) -> PowerFit | Refusal:
     """Fit on log L. Compute is scaled by its geometric mean (C0) so the parameters are O(1).
 
     Saturating: parameters (E, log A, b) with L = E + A (C/C0)^-b, E < min(L); a = A C0^b.
-    Several starts in E (0 .. 0.9 min L) and b avoid the flat valleys of this three-parameter fit;
-    `warm` (the full-data fit, for bootstrap draws) adds its own solution as the first start.
+    Starts from a grid in E and b (`_saturating_starts`) avoid the flat valleys of this fit;
+    `warm` (an earlier fit) adds its solution to the grid.
     """
     c, l = np.asarray(compute, float), np.asarray(loss, float)
     need = 4 if saturating else 3
     what = "L(C) = E + a*C^-b" if saturating else "L(C) = a*C^-b"
     if len(c) < need:
-        return Refusal(what, f"{len(c)} frontier points; the fit needs at least {need}")
+        return Refusal(what, f"{len(c)} frontier points (budgets); the fit needs at least {need}")
     if len(np.unique(c)) < need:
-        return Refusal(what, f"only {len(np.unique(c))} distinct compute values on the frontier")
+        return Refusal(what, f"only {len(np.unique(c))} distinct budgets on the frontier; the fit needs at least {need}")
     if not (np.all(np.isfinite(l)) and np.all(l > 0) and np.all(c > 0)):
         return Refusal(what, "non-positive or non-finite loss or compute on the frontier")
     c0 = float(np.exp(np.log(c).mean()))
     x, y = np.log(c / c0), np.log(l)
     if not saturating:
         slope, icpt = np.polyfit(x, y, 1)
-        r = _robust(lambda p: p[0] - p[1] * x - y, [icpt, -slope], ([-np.inf, -np.inf], [np.inf, np.inf]), f_scale)
+        jac = np.column_stack([np.ones_like(x), -x])  # the residual is linear in (log a, b)
+        r = _robust(lambda p: p[0] - p[1] * x - y, [icpt, -slope], ([-np.inf, -np.inf], [np.inf, np.inf]), f_scale, lambda p: jac)
         ln_a, b = r.x
         if b <= 0:
             return Refusal(what, f"loss does not fall with compute on the frontier (fitted exponent b={b:.3g} <= 0)")
@@ -124,16 +175,17 @@ def fit_power(compute, loss, *, saturating: bool, f_scale: float = 0.02, warm: P
 
     def resid(p):
         e, ln_a, b = p
-        return np.log(e + np.exp(ln_a) * np.exp(-b * x)) - y
+        return np.log(e + np.exp(ln_a - b * x)) - y
 
-    starts = [(e_frac * lmin, b0) for e_frac in (1e-3, 0.5, 0.9) for b0 in (0.05, 0.3)]
-    if warm is not None:
-        starts = [(min(warm.E, 0.99 * lmin), warm.b)]
+    def jac(p):  # r = log(E + t) - y, t = e^(ln A - b x): dr/d(E, ln A, b) = (1, t, -x t) / (E + t)
+        e, ln_a, b = p
+        t = np.exp(ln_a - b * x)
+        return np.column_stack([np.ones_like(x), t, -x * t]) / (e + t)[:, None]
+
     best = None
-    for e0, b0 in starts:
-        a0 = max(float(np.exp(y).mean()) - e0, 1e-6)
+    for x0 in _saturating_starts(x, y, lmin, f_scale, warm):
         try:
-            r = _robust(resid, [e0, math.log(a0), b0], ([0.0, -30, 1e-4], [lmin * 0.999, 30, 5.0]), f_scale)
+            r = _robust(resid, x0, ([0.0, -30, 1e-4], [lmin * 0.999, 30, 5.0]), f_scale, jac)
         except ValueError:
             continue
         if best is None or r.cost < best.cost:
@@ -141,7 +193,10 @@ def fit_power(compute, loss, *, saturating: bool, f_scale: float = 0.02, warm: P
     if best is None or not best.success:
         return Refusal(what, "the optimiser did not converge")
     e, ln_a, b = best.x
-    return PowerFit(float(e), float(math.exp(ln_a) * c0**b), float(b), float(np.sqrt(np.mean(best.fun**2))), len(c))
+    # E at 0 or at min L, b at 1e-4 or 5: the data do not pin that side (its interval is unbounded).
+    at_bound = tuple(name + side for name, v, lo, hi in (("E", e, 0.0, lmin * 0.999), ("b", b, 1e-4, 5.0))
+                     for side, hit in (("-", v - lo < 1e-6 * (1 + abs(lo))), ("+", hi - v < 1e-6 * (1 + abs(hi)))) if hit)  # fmt: skip
+    return PowerFit(float(e), float(math.exp(ln_a) * c0**b), float(b), float(np.sqrt(np.mean(best.fun**2))), len(c), at_bound)
 
 
 # ---- compute-optimal model size and data ---------------------------------------------------------
@@ -229,15 +284,15 @@ def compute_optimal(cells: list[Cell], train_size: float, n_levels: int = 7) -> 
     return out
 
 
+def finetune_envelope(cells: list[Cell]) -> list[Cell]:
+    """The fine-tuned cells' lower envelope of error (1 - top-1), one point per budget."""
+    ft = [c for c in cells if np.isfinite(c.finetune_top1) and c.finetune_top1 < 1]
+    return envelope(ft, value=lambda c: 1 - c.finetune_top1)
+
+
 def fit_error_vs_compute(cells: list[Cell]) -> PowerFit | Refusal:
-    """Fine-tuned top-1 error against pretraining compute: err = a * C^-b on its lower envelope
-    (cells whose error beats every cell of less compute)."""
-    ft = sorted((c for c in cells if np.isfinite(c.finetune_top1) and c.finetune_top1 < 1), key=lambda c: (c.compute, -c.finetune_top1))
-    if not ft:
+    """Fine-tuned top-1 error against pretraining compute: err = a * C^-b on `finetune_envelope`."""
+    pts = finetune_envelope(cells)
+    if not pts:
         return Refusal("fine-tuned error(C)", "no fine-tuned runs")
-    pts, best = [], math.inf
-    for c in ft:
-        if 1 - c.finetune_top1 < best or (pts and c is pts[-1]):
-            pts.append(c)
-            best = 1 - c.finetune_top1
     return fit_power([c.compute for c in pts], [1 - c.finetune_top1 for c in pts], saturating=False)

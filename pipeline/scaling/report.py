@@ -10,20 +10,46 @@ import os
 
 import numpy as np
 
+from .analysis import APPROACHES
+from .intervals import values
 from .laws import Cell, OptimalFit, PowerFit, Refusal
+from .surface import SurfaceFit
+
+QUANTITIES = ("b", "E", "a_N", "a_D")  # frontier exponent, irreducible loss, N* and D* exponents
 
 
 def _g(x, digits=4) -> str:
     return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}g}"
 
 
+def _end(x: float) -> str:
+    return _g(x) if math.isfinite(x) else "unbounded"
+
+
 def _ci(intervals: dict, fit: str, k: str) -> str:
     iv = intervals.get(fit, {}).get(k)
-    return f"[{_g(iv[0])}, {_g(iv[1])}]" if iv else "n/a"
+    return f"[{_end(iv[0])}, {_end(iv[1])}]" if iv else "n/a"
+
+
+def approach_rows(result: dict) -> list[tuple[str, dict[str, str]]]:
+    """(approach, {quantity: "value [95% interval]"}) for the side-by-side table; "" where an approach
+    does not estimate a quantity, the reason where it refused."""
+    iv = result.get("intervals", {})
+    rows = []
+    for name, title in APPROACHES:
+        fit = result.get(name)
+        if isinstance(fit, Refusal) or fit is None:
+            rows.append((title, {"refused": fit.reason if fit else "not run"}))
+            continue
+        vals = values(fit)
+        rows.append((title, {k: f"{_g(vals[k])} {_ci(iv, name, k)}" for k in QUANTITIES if k in vals and not (name == "power" and k == "E")}))
+    return rows
 
 
 def to_json(result: dict) -> dict:
     def enc(v):
+        if isinstance(v, SurfaceFit):
+            return {**{k: enc(x) for k, x in vars(v).items()}, "b": v.b, "a_N": v.a_n, "a_D": v.a_d}
         if isinstance(v, (PowerFit, OptimalFit, Cell)):
             return {k: enc(x) for k, x in vars(v).items()}
         if isinstance(v, Refusal):
@@ -38,8 +64,8 @@ def to_json(result: dict) -> dict:
             return enc(v.item())
         return v
 
-    keep = ("status", "metric", "train_size", "saturating", "power", "optimal", "finetune", "intervals", "extrapolation",
-            "lr_at_edge", "refusal")  # fmt: skip
+    keep = ("status", "metric", "train_size", "saturating", "power", "surface", "optimal", "finetune", "intervals", "extrapolation",
+            "disagreements", "lr_at_edge", "refusal")  # fmt: skip
     out = {k: enc(result[k]) for k in keep if k in result}
     out["frontier"] = [c.point for c in result.get("frontier", [])]
     out["cells"] = enc(result["cells"])
@@ -71,6 +97,9 @@ def _plots(result: dict, out: str) -> dict[str, object]:
             if isinstance(f, PowerFit):
                 lab = f"E+aC^-b, b={f.b:.3f}" if name == "saturating" else f"aC^-b, b={f.b:.3f}"
                 ax.plot(grid, f(grid), style, label=lab)
+        sf = result.get("surface")
+        if isinstance(sf, SurfaceFit):
+            ax.plot(grid, sf.optimal(grid)[2], "g-.", label=f"L*(C) of L(N, D), b={sf.b:.3f}")
     ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel=f"held-out loss ({result['metric']})",
            title="held-out loss vs compute (best lr per cell)")  # fmt: skip
     ax.legend(fontsize=7)
@@ -128,18 +157,69 @@ def _tensorboard(result: dict, figs: dict, out: str) -> None:
 
 
 # ---- markdown ------------------------------------------------------------------------------------
-def _fit_lines(result: dict) -> list[str]:
-    iv = result.get("intervals", {})
-    lines = ["## Fits (held-out loss on the compute-optimal frontier)", ""]
+def _side_by_side(result: dict) -> list[str]:
+    lines = ["## The approaches side by side (95% bootstrap intervals)", "",
+             "| approach | frontier exponent b | E | N* exponent a_N | D* exponent a_D |", "|---|---|---|---|---|"]  # fmt: skip
+    for title, q in approach_rows(result):
+        cols = [q.get(k, "") for k in QUANTITIES] if "refused" not in q else [f"refused: {q['refused']}", "", "", ""]
+        lines.append(f"| {title} | " + " | ".join(cols) + " |")
+    lines += ["", "b is the exponent of L - E along the frontier; the pure power law's b is the slope of L itself "
+              "(smaller whenever E > 0), so it is not compared. \"unbounded\": the interval reaches a bound of the fit "
+              "or rests on draws that could not be fitted.", ""]  # fmt: skip
+    flags = result.get("disagreements", [])
+    lines.append("**Approaches disagree beyond their intervals**: " + "; ".join(flags) if flags
+                 else "No two approaches disagree beyond their intervals.")  # fmt: skip
+    return lines + [""]
+
+
+def _curve_lines(result: dict, iv: dict) -> list[str]:
+    lines = ["## Fits (held-out loss on the compute-optimal frontier, one point per budget)", ""]
     for name, title in (("saturating", "L(C) = E + a*C^-b"), ("power", "L(C) = a*C^-b")):
         f = result.get(name)
         if isinstance(f, PowerFit):
             share = iv.get(name, {}).get("_ok")
             lines.append(f"- **{title}**: b = {_g(f.b)} {_ci(iv, name, 'b')}, E = {_g(f.E)} {_ci(iv, name, 'E')}, "
                          f"a = {_g(f.a)} {_ci(iv, name, 'a')}; rmse(log L) {_g(f.rmse, 3)} on {f.n} points"
-                         + (f" (95% bootstrap intervals; {share:.0%} of draws fitted)" if share is not None else ""))  # fmt: skip
+                         + (f" (residual bootstrap; {share:.0%} of draws fitted)" if share is not None else ""))  # fmt: skip
         elif isinstance(f, Refusal):
             lines.append(f"- **{title}**: not fitted: {f.reason}")
+    sf = result.get("surface")
+    lines += ["", "## Loss surface L(N, D) = E + A*N^-alpha + B*D^-beta (Chinchilla approach 3)", ""]
+    if isinstance(sf, SurfaceFit):
+        lines += [f"- E = {_g(sf.E)} {_ci(iv, 'surface', 'E')}, A = {_g(sf.A)}, B = {_g(sf.B)}, alpha = {_g(sf.alpha)} "
+                  f"{_ci(iv, 'surface', 'alpha')}, beta = {_g(sf.beta)} {_ci(iv, 'surface', 'beta')}; rmse(log L) {_g(sf.rmse, 3)} "
+                  f"on {sf.n} cells (Huber on log L, L-BFGS-B from a grid of starts; within-budget bootstrap)",
+                  f"- FLOPs per image F(N) = {_g(sf.k_f)} * N^{_g(sf.phi, 3)}; so N* ~ C^{_g(sf.a_n, 3)}, D* ~ C^{_g(sf.a_d, 3)}, "
+                  f"L*(C) - E ~ C^-{_g(sf.b, 3)}"]  # fmt: skip
+        if sf.at_bound:
+            lines.append(f"- ended on a bound: {', '.join(sf.at_bound)} (those intervals are unbounded)")
+    elif isinstance(sf, Refusal):
+        lines.append(f"Not fitted: {sf.reason}")
+    return lines
+
+
+def _extrapolation_lines(ex) -> list[str]:
+    lines = ["", "## Extrapolation check (fit without the largest budget, predict it)", ""]
+    if isinstance(ex, Refusal):
+        return lines + [f"Not run: {ex.reason}"]
+    if not isinstance(ex, dict):
+        return lines
+    lines.append(f"Held out: budget {ex['held_out_budget']}, best loss {_g(ex['actual_loss'])} ({ex['model']}) at C = {_g(ex['compute'])}; "
+                 f"95% prediction intervals from {ex['draws']} bootstrap draws.")  # fmt: skip
+    for name in ("saturating", "power", "surface"):
+        e = ex[name]
+        if "predicted_loss" in e:
+            lo, hi = e["interval"]
+            lines.append(f"- {name}: predicted {_g(e['predicted_loss'])} [{_end(lo)}, {_end(hi)}], relative error "
+                         f"{e['relative_error']:+.1%}: **{e['verdict']}**")  # fmt: skip
+        else:
+            lines.append(f"- {name}: not fitted: {e['refused']}")
+    return lines
+
+
+def _fit_lines(result: dict) -> list[str]:
+    iv = result.get("intervals", {})
+    lines = _side_by_side(result) + _curve_lines(result, iv)
     opt = result.get("optimal")
     lines += ["", "## Compute-optimal allocation (isoFLOP parabolas in log N)", ""]
     if isinstance(opt, OptimalFit):
@@ -160,17 +240,7 @@ def _fit_lines(result: dict) -> list[str]:
         lines.append(f"- error = 1 - top-1 = {_g(ft.a)} * C^-{_g(ft.b, 3)}, exponent 95% interval {_ci(iv, 'finetune', 'b')}")
     elif isinstance(ft, Refusal):
         lines.append(f"- error(C) not fitted: {ft.reason}")
-    ex = result.get("extrapolation")
-    lines += ["", "## Extrapolation check (fit without the largest budget, predict it)", ""]
-    if isinstance(ex, dict):
-        lines.append(f"Held out: budget {ex['held_out_budget']}, best loss {_g(ex['actual_loss'])} ({ex['model']}) at C = {_g(ex['compute'])}.")
-        for name in ("saturating", "power"):
-            e = ex[name]
-            lines.append(f"- {name}: " + (f"predicted {_g(e['predicted_loss'])}, relative error {e['relative_error']:+.1%}"
-                                           if "predicted_loss" in e else f"not fitted: {e['refused']}"))  # fmt: skip
-    elif isinstance(ex, Refusal):
-        lines.append(f"Not run: {ex.reason}")
-    return lines
+    return lines + _extrapolation_lines(result.get("extrapolation"))
 
 
 def write_report(result: dict, out: str, title: str = "Scaling sweep") -> str:
