@@ -113,9 +113,11 @@ def _objective(p: np.ndarray, xn, xd, y) -> tuple[float, np.ndarray]:
     wn, wd, we = np.exp(tn - m), np.exp(td - m), np.exp(e - m)
     z = wn + wd + we
     r = m + np.log(z) - y
-    psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / (HUBER_DELTA * len(y) * z)
+    clipped = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # psi(r), the Huber loss's derivative
+    psi = clipped / (HUBER_DELTA * len(y) * z)
     grad = np.array([psi @ we, psi @ wn, psi @ wd, -psi @ (wn * xn), -psi @ (wd * xd)])
-    return float(huber(HUBER_DELTA, r).mean() / HUBER_DELTA), grad
+    # Huber(r) = psi (r - psi / 2): r^2 / 2 inside +-delta, delta (|r| - delta / 2) outside.
+    return float(clipped @ (r - clipped / 2)) / (HUBER_DELTA * len(y)), grad
 
 
 def _grid(y: np.ndarray) -> np.ndarray:
