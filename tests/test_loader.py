@@ -341,7 +341,7 @@ def test_an_s3_epoch_fetches_each_byte_once_at_any_worker_count(packed, s3_serve
     layout = Layout(8, 2, 1)
     proxy = CountingProxy(s3_server)
     try:
-        for workers in (1, 3):
+        for workers in (1, 3):  # streaming fetched ~1x and ~3x
             proxy.reset()
             local, remote = [], []
             for rank in range(2):  # two epochs: the loader's prefetch into the third is a few batches
