@@ -91,7 +91,9 @@ def _load_offsets(store: Store, manifest: dict) -> np.ndarray | None:
     return arr
 
 
-def load_manifest(root: str, endpoint: str | None = None) -> dict:
+def load_manifest(root: str, endpoint: str | None = None, offsets: bool = True) -> dict:
+    """The manifest; with `offsets`, also the offsets.npy sidecar (hash-checked: 80 MB at 10M samples),
+    which only readers of samples need, not checks of counts and labels."""
     store = Store(root, endpoint)
     data = store.read_if_exists(MANIFEST)
     if data is None:
@@ -99,9 +101,9 @@ def load_manifest(root: str, endpoint: str | None = None) -> dict:
     manifest = json.loads(data)
     if manifest.get("format") not in READABLE:
         raise ManifestError(f"{store.url(MANIFEST)}: unknown format {manifest.get('format')!r}, expected one of {list(READABLE)}")
-    offsets = _load_offsets(store, manifest)
-    if offsets is not None:  # not JSON: a key no JSON dump of the manifest should include
-        manifest["_offsets"] = offsets
+    flat = _load_offsets(store, manifest) if offsets else None
+    if flat is not None:  # not JSON: a key no JSON dump of the manifest should include
+        manifest["_offsets"] = flat
     return manifest
 
 

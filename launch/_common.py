@@ -142,7 +142,7 @@ def preflight(cfg, *, data: bool = True) -> dict | None:
     from data_prep.manifest import load_manifest
     from pipeline.config import check_objective
 
-    manifest = load_manifest(cfg.data.root, cfg.data.s3_endpoint or None)
+    manifest = load_manifest(cfg.data.root, cfg.data.s3_endpoint or None, offsets=False)  # counts and labels only
     check_objective(cfg, manifest, f"{cfg.data.root}/manifest.json")
     warning = warmup_warning(cfg, manifest)
     if warning:
