@@ -43,7 +43,7 @@ sample-data:
 	fi
 
 test: setup
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q --durations=25
 
 demo: setup
 	$(VENV)/bin/python -m launch.demo

@@ -203,7 +203,7 @@ def _results(storage: str, name: str) -> dict:
     return json.loads(Path(storage, name, "results.json").read_text())
 
 
-def test_finetune_export_from_s3_with_sam_then_eval_only_twice(groups, pretrained, tmp_path, ray_cluster, s3_server):
+def test_finetune_export_from_s3_with_sam_then_eval_only(groups, pretrained, tmp_path, ray_cluster, s3_server):
     storage = str(tmp_path / "runs")
     cfg = _finetune_cfg(groups, storage, "ft", pretrained["export"], s3_server, "data.classes=" + ",".join(GROUP_NAMES))
     manifest = prepare_data(cfg, progress=False)
@@ -222,16 +222,16 @@ def test_finetune_export_from_s3_with_sam_then_eval_only_twice(groups, pretraine
     assert json.loads((export / "classes.json").read_text()) == GROUP_NAMES
     assert json.loads((export / "summary.json").read_text())["train_flops_per_image"] > 0
 
-    # Eval-only of the fine-tuned export: the same numbers twice, and the fine-tuning run's final ones.
-    for name in ("ev1", "ev2"):
-        ev = resolve("demo_finetune", [f"data.root={cfg.data.root}", "data.source=", f"model.init_from={export}", "aug.eval_res=32",
-                                       "data.workers=0", "schedule.global_batch=128", "schedule.micro_batch=32",
-                                       "run.mode=eval", "run.export=false", f"run.storage={storage}", f"run.name={name}"])  # fmt: skip
-        prepare_data(ev, progress=False)
-        _fit(ev, ray_cluster)
-    a, b = _results(storage, "ev1"), _results(storage, "ev2")
-    assert a["raw"] == b["raw"] and a["ema"] == b["ema"]
+    # Eval-only of the fine-tuned export (another batch size and worker layout): the fine-tuning run's
+    # final numbers. (tests/test_launchers.py evaluates a local fine-tuned export through `ray job submit`.)
+    ev = resolve("demo_finetune", [f"data.root={cfg.data.root}", "data.source=", f"model.init_from={export}", "aug.eval_res=32",
+                                   "data.workers=0", "schedule.global_batch=128", "schedule.micro_batch=32",
+                                   "run.mode=eval", "run.export=false", f"run.storage={storage}", "run.name=ev1"])  # fmt: skip
+    prepare_data(ev, progress=False)
+    _fit(ev, ray_cluster)
+    a = _results(storage, "ev1")
     assert a["raw"]["top1"] == pytest.approx(res["raw"]["top1"]) and a["ema"]["loss"] == pytest.approx(res["ema"]["loss"], rel=1e-6)
+    assert a["raw"]["loss"] == pytest.approx(res["raw"]["loss"], rel=1e-6) and a["ema"]["top1"] == pytest.approx(res["ema"]["top1"])
 
     # The fine-tuned (4-class) export on the 10-class data: refused in the driver, naming classes.
     bad = resolve("demo", [f"data.root={pretrained['data']}", f"model.init_from={export}", "run.mode=eval"])

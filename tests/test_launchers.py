@@ -230,3 +230,64 @@ def test_readme_submit_commands_resolve_as_printed(monkeypatch):
         for section, key in (("run", "storage"), ("model", "init_from"), ("data", "root")):
             value = cfg[section][key]
             assert not value or value.startswith(("s3://", "/")), (cmd, section, key, value)
+
+
+def readme_cluster_block() -> list[str]:
+    """The shell lines of README's "Submitting to a Ray cluster" block (continuations joined)."""
+    text = (REPO / "README.md").read_text().split("## Submitting to a Ray cluster", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [" ".join(line.split("#")[0].split()) for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+@pytest.mark.slow
+def test_readme_cluster_commands_run_as_printed_after_a_demo_sized_run(tmp_path, ray_cluster):
+    """README's submit lines, verbatim, from a directory laid out as after `make demo` (data/fashion-mnist
+    packed, data/fashion-mnist-groups written: the demo's paths and presets, fewer images): pretraining,
+    fine-tuning its export, evaluating the fine-tuned export. Relative paths land in that directory
+    (not in Ray's copy of the repository); each line is printed once; the evaluation reproduces the
+    fine-tuned run's own numbers. `make cluster` is the session's Ray head (the same `ray start --head`
+    with token authentication); `export` lines become the environment."""
+    from data_prep.pack import PackOptions, pack
+    from data_prep.sample_folders import write_groups
+
+    lines = readme_cluster_block()
+    assert lines[0] == "make cluster" and lines[-1] == "make cluster-stop", lines
+    d = tmp_path
+    for name in (".venv", "launch"):
+        (d / name).symlink_to(REPO / name)
+    # ~1,090 training images: 2 epochs at global batch 1024 are 3 steps (the demo's 68,600 make 134)
+    pack("fashion-mnist", str(d / "data" / "fashion-mnist"), PackOptions(samples_per_shard=500, limit_per_split=1100, heldout_fraction=0.02), progress=False)
+    write_groups(str(d / "data" / "fashion-mnist-groups"), n_train=512, n_val=128)
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["dashboard"]}
+    ran = []
+    for line in lines[1:-1]:
+        if line.startswith("export "):
+            for kv in line.split()[1:]:
+                k, v = kv.split("=", 1)
+                env[k] = v
+            continue
+        t0 = time.monotonic()
+        r = subprocess.run(line, shell=True, cwd=d, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (line, r.stdout[-3000:], r.stderr[-3000:])
+        print(f"{time.monotonic() - t0:.0f} s: {line}")
+        ran.append((line, r.stdout, time.monotonic() - t0))
+    assert len(ran) == 3, [x[0] for x in ran]
+    runs = d / "runs"
+    pre = json.loads((runs / "my-demo" / "export" / "summary.json").read_text())
+    n_train = json.loads((d / "data" / "fashion-mnist" / "manifest.json").read_text())["splits"]["train"]["samples"]
+    assert pre["steps"] == -(-2 * n_train // 1024) and pre["world_size"] == 2, pre  # 2 epochs at the demo's batch
+    ft = json.loads((runs / "my-demo-ft" / "results.json").read_text())
+    ev = json.loads((runs / "my-demo-eval" / "results.json").read_text())
+    assert ft["classes"] == ev["classes"] == 4 and ev["samples"] == ft["samples"] > 0
+    # the fine-tuned export holds the EMA weights as well as the raw ones: evaluated again, the same numbers
+    for tag in ("raw", "ema"):
+        assert ev[tag]["top1"] == pytest.approx(ft[tag]["top1"], abs=1e-6), (tag, ev[tag], ft[tag])
+        assert ev[tag]["loss"] == pytest.approx(ft[tag]["loss"], abs=1e-6), (tag, ev[tag], ft[tag])  # measured: equal
+    assert not (REPO / "runs" / "my-demo").exists()
+    for line, out, _ in ran:
+        ours = [x for x in out.splitlines() if x.strip() and "(RayTrainWorker" not in x and "(TrainController" not in x]
+        steps = [x for x in out.splitlines() if re.search(r"step \d+/\d+ epoch .* eta ", x)]
+        assert bool(steps) != ("--eval-only" in line), (line, out[-2000:])
+        assert len(steps) == len(set(steps)), ("a step line printed twice", line, steps)
+        assert f"run directory: {runs}/" in out, (line, out[-2000:])  # the submit dir, not Ray's copy
+        assert len([x for x in ours if x.startswith("run directory:")]) == 1

@@ -189,7 +189,8 @@ class TrainRun:
                     self.ema.update_parameters(self.module)
                     c["ema_updates"] += 1
             imgs_since += cfg.schedule.global_batch
-            if self.writer is not None and (step + 1) % cfg.schedule.log_every == 0:
+            # every log_every steps, and the last step (a run shorter than log_every still shows one line)
+            if self.writer is not None and ((step + 1) % cfg.schedule.log_every == 0 or step + 1 == self.total_steps):
                 ips = imgs_since / max(time.perf_counter() - t_last, 1e-9)
                 self._log_train(step + 1, mean_loss, lr, stats, ips, skipped)
                 if self.rank == 0:
