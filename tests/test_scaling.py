@@ -104,6 +104,8 @@ def test_table_round_trip_and_cli_report(tmp_path, ext, capsys):
     from pipeline.scaling.__main__ import main
 
     rows = synthetic_rows(0, diverged={"m1_b1"})
+    for r in rows:  # the cost columns a sweep writes (pipeline/sweep/attempts.py)
+        r.update(device_hours=0.5, failed_device_hours=0.1 if r["point"] == "m0_b0" else 0.0, finetune_device_hours=math.nan)
     url = str(tmp_path / f"results.{ext}")
     write_table(url, rows)
     back = read_table(url)
@@ -113,9 +115,18 @@ def test_table_round_trip_and_cli_report(tmp_path, ext, capsys):
     assert main(["fit", url, "--bootstrap", "20"]) == 0
     out = capsys.readouterr().out
     assert "saturating: L(C) =" in out and "compute-optimal: N* ~ C^" in out
+    assert "device-hours: pretraining 24.9, fine-tuning 0, failed attempts 0.1; total 25" in out
+    assert "same rate? (isoFLOP): N* ~ C^" in out and "same rate? (surface): N* ~ C^" in out
     report = (tmp_path / "report" / "report.md").read_text()
     assert "m1_b1 (diverged)" in report and "## Compute-optimal allocation" in report
+    assert "| **total** | **25** |" in report and "| (of which runs that diverged) | 0.5 |" in report
+    assert "## Do model size and epochs grow at the same rate?" in report
     fit = json.loads((tmp_path / "report" / "fit.json").read_text())
+    assert fit["device_hours"]["total"] == pytest.approx(25.0)
+    for approach in ("optimal", "surface"):  # alpha = beta, F = 6N: N* and D* both ~ C^0.5
+        v = fit["same_rate"][approach]
+        assert abs(v["difference"]) < 0.15 and v["interval"][0] <= v["difference"] <= v["interval"][1]
+        assert f"**{v['line']}**" in report
     assert 0.1 < fit["saturating"]["b"] < 0.2 and len(fit["frontier"]) >= 4
     for png in ("loss_vs_compute.png", "compute_optimal.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
@@ -125,6 +136,60 @@ def test_table_round_trip_and_cli_report(tmp_path, ext, capsys):
     acc.Reload()
     assert acc.Scalars("fit/saturating_b")[0].value == pytest.approx(fit["saturating"]["b"], rel=1e-5)
     assert "scaling/loss_vs_compute" in acc.Tags()["images"]
+
+
+def test_device_hours_count_every_attempt_and_add_up(tmp_path):
+    """The attempt log (no Ray) on a constructed case: a point that failed once, was cut off with its
+    driver, then finished; its fine-tuning that failed once; a diverged point; an attempt of an
+    older config. Each attempt counts (end or last heartbeat - start) x workers; a re-run of the
+    sweep adds to the file; the totals split into parts that add up."""
+    from pipeline.scaling.__main__ import summarize
+    from pipeline.scaling.report import _cost_lines
+    from pipeline.scaling.table import device_hour_totals
+    from pipeline.sweep.attempts import NAME, AttemptLog
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+
+    def attempt(log, point, kind, h, workers, start, end, status):
+        now[0] = start
+        i = log.start(point, kind, h, workers)
+        now[0] = end
+        log.end(i, status)
+
+    log = AttemptLog(str(tmp_path), clock=clock)
+    attempt(log, "p", "pretrain", "old", 8, 0, 900, "failed")  # the spec changed since: not this run's
+    attempt(log, "p", "pretrain", "h", 2, 0, 900, "failed")  # 0.25 h x 2 workers
+    now[0] = 1000
+    cut = log.start("p", "pretrain", "h", 2)
+    now[0] = 1600
+    log.beat([cut])  # then the driver is killed: 600 s x 2 count, up to the last heartbeat
+    log = AttemptLog(str(tmp_path), clock=clock)  # the sweep re-run: the file is read, not replaced
+    assert log.records[cut]["status"] == "interrupted"
+    attempt(log, "p", "pretrain", "h", 2, 2000, 5600, "ok")  # 1 h x 2
+    attempt(log, "p", "finetune", "fh", 1, 6000, 6360, "failed")  # 0.1 h
+    attempt(log, "p", "finetune", "fh", 1, 6400, 8200, "ok")  # 0.5 h
+    attempt(log, "q", "pretrain", "hq", 1, 0, 3600, "diverged")  # 1 h
+    assert len((tmp_path / NAME).read_text().splitlines()) == 7
+    log = AttemptLog(str(tmp_path), clock=clock)
+    assert log.hours("p", "pretrain", "h") == pytest.approx((0.5 + 1 / 3 + 2, 0.5 + 1 / 3))
+    assert log.hours("p", "finetune", "fh") == pytest.approx((0.6, 0.1))
+    assert log.hours("q", "pretrain", "hq") == pytest.approx((1.0, 0.0))
+
+    rows = [{"point": "p", "status": "ok", "device_hours": 0.5 + 1 / 3 + 2, "failed_device_hours": 0.5 + 1 / 3,
+             "finetune_device_hours": 0.6, "finetune_failed_device_hours": 0.1},
+            {"point": "q", "status": "diverged", "device_hours": 1.0, "failed_device_hours": 0.0},
+            {"point": "r", "status": "failed", "device_hours": math.nan}]  # fmt: skip
+    t = device_hour_totals(rows)
+    assert t == pytest.approx({"pretraining": 3.0, "finetuning": 0.5, "failed": 0.5 + 1 / 3 + 0.1, "diverged": 1.0, "total": 3.5 + 0.5 + 1 / 3 + 0.1})
+    assert t["pretraining"] + t["finetuning"] + t["failed"] == pytest.approx(t["total"])
+    text = "\n".join(_cost_lines({"device_hours": t}))
+    assert "| failed attempts (pretraining and fine-tuning; retried or given up) | 0.9333 |" in text and "| **total** | **4.433** |" in text
+    assert "device-hours: pretraining 3, fine-tuning 0.5, failed attempts 0.9333; total 4.433" in summarize({"refusal": Refusal("x", "y"), "device_hours": t})
+    assert all(math.isnan(v) for v in device_hour_totals([{"point": "s", "status": "ok"}]).values())
+    # A table from before the split: its training-loop time is read as train_wall_time_s.
+    (tmp_path / "old.csv").write_text("point,model,status,wall_time_s,device_hours\nx,m,ok,36,0.01\n")
+    assert read_table(str(tmp_path / "old.csv"))[0]["train_wall_time_s"] == 36.0
 
 
 def test_table_errors_name_the_row_and_column(tmp_path):
@@ -226,14 +291,15 @@ def test_mini_sweep_end_to_end_with_divergence_retry_finetuning_and_resume(tmp_p
 def test_sweep_resume_decisions_without_training(tmp_path):
     """Which points a re-run trains, from the table and the run directories alone (no Ray): ok and
     diverged rows are skipped, failed rows retried until max_retries, then only with --retry-failed;
-    a run that finished while the sweep was not watching is recorded; a run dir holding another
-    config is refused by name."""
+    a run that finished while the sweep was not watching is recorded, with its device-hours; a run
+    dir holding another config is refused by name."""
     import yaml
 
     from data_prep.pack import PackOptions, pack
     from pipeline.train.ray_job import save_config
+    from pipeline.sweep.attempts import AttemptLog
     from pipeline.sweep.runner import Sweep
-    from pipeline.sweep.spec import load_spec
+    from pipeline.sweep.spec import config_hash, load_spec, point_config, points
 
     data = tmp_path / "fm"
     pack("fashion-mnist", str(data), PackOptions(samples_per_shard=100, limit_per_split=200, heldout_fraction=0.1), progress=False)
@@ -243,6 +309,10 @@ def test_sweep_resume_decisions_without_training(tmp_path):
         "models": ["nfnet_pico"], "budgets": [{"samples": 256, "lr": [0.1, 0.2, 0.4, 0.8]}], "max_retries": 1,
     }))  # fmt: skip
     spec = load_spec(str(spec_file))
+    # d's attempt was last seen 4 s after it started (its driver was killed); its run finished unwatched.
+    d_point = points(spec)[3]
+    log = AttemptLog(spec.root, clock=iter([100.0, 104.0]).__next__)
+    log.beat([log.start(d_point.name, "pretrain", config_hash(point_config(spec, d_point)), 1)])
     sw = Sweep(spec, log=lambda *_: None)
     a, b, c, d = (p.name for p in sw.points)
     # a: ok in the table; b: failed twice (exhausted); c: failed once; d: finished unwatched
@@ -257,7 +327,11 @@ def test_sweep_resume_decisions_without_training(tmp_path):
         "training": {"samples_seen": 256, "epochs": 0.5, "train_flops": 1e9, "wall_time_s": 10.0, "train_flops_per_image": 4e6, "world_size": 1},
     }))  # fmt: skip
     assert [p.name for p in sw.todo()] == [c]
-    assert sw.rows[d]["status"] == "ok" and sw.rows[d]["heldout_loss"] == 1.5 and sw.rows[d]["device_hours"] == pytest.approx(10 / 3600)
+    assert sw.rows[d]["status"] == "ok" and sw.rows[d]["heldout_loss"] == 1.5 and sw.rows[d]["train_wall_time_s"] == 10.0
+    # Its cut-off attempt finished the run (not a failed attempt); the training loop's own 10 s x 1
+    # worker is more than the 4 s the driver saw, and a lower bound on the attempts' total.
+    assert sw.rows[d]["device_hours"] == pytest.approx(10 / 3600) and sw.rows[d]["failed_device_hours"] == 0
+    assert AttemptLog(spec.root).records[0]["status"] == "ok"
     assert {r["point"] for r in read_table(spec.table)} == {a, b, c, d}  # recorded at once
     retry = Sweep(spec, retry_failed=True, log=lambda *_: None)
     assert [p.name for p in retry.todo()] == [b, c]

@@ -4,7 +4,8 @@ steps per budget, pipeline.scaling.synthetic), with missing, diverged and failed
 
 Checked: true values inside the 95% bootstrap intervals and clearly wrong values (twice an
 exponent, a tenth of E) outside, in most seeds; the one-point-per-budget frontier; refusals that
-count budgets; unbounded intervals at a bound; the extrapolation verdict; the CLI's exit status.
+count budgets; unbounded intervals at a bound; the extrapolation verdict; whether model size and
+epochs grow at the same rate; the CLI's exit status.
 Draws are few (40) to keep the file fast; the tolerances below were measured, not tuned to one law.
 """
 
@@ -15,7 +16,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.scaling import analyze, cells, fit_cells, fit_power, frontier
+from pipeline.scaling import Refusal, analyze, cells, fit_cells, fit_power, frontier
+from pipeline.scaling.analysis import SAME_RATE, _fit_all, bootstrap, same_rate
 from pipeline.scaling.intervals import intervals_of, within_budgets
 from pipeline.scaling.surface import flops_law
 from pipeline.scaling.synthetic import PICO, Law, proportional_models, synthetic_rows
@@ -58,8 +60,10 @@ def test_surface_intervals_hold_the_truth_and_exclude_wrong_values(name, law, mo
     """Approach 3 with its within-budget bootstrap, 4 seeds per law: the truth inside, and twice an
     exponent / a tenth of E outside, in at least 3 of the 4 seeds each."""
     phi, _ = flops_law([m[1] for m in models], [m[2] for m in models])
-    truth = {"E": law.E, "alpha": law.alpha, "beta": law.beta, "b": law.frontier_exponent(phi)}
-    wrong = {"E": law.E / 10, "alpha": 2 * law.alpha, "beta": 2 * law.beta, "b": 2 * truth["b"]}
+    diff = (law.beta - law.alpha) / (law.alpha + phi * law.beta)  # a_N - a_D: do N* and epochs* grow alike?
+    truth = {"E": law.E, "alpha": law.alpha, "beta": law.beta, "b": law.frontier_exponent(phi), "a_N-a_D": diff}
+    wrong = {"E": law.E / 10, "alpha": 2 * law.alpha, "beta": 2 * law.beta, "b": 2 * truth["b"],
+             "a_N-a_D": diff - 0.3 if diff > 0 else diff + 0.3}  # fmt: skip
     hits, rejected = dict.fromkeys(truth, 0), dict.fromkeys(truth, 0)
     for seed in SEEDS:
         rows = synthetic_rows(law, models, BUDGETS, noise=noise, rates=LOST, seed=seed)
@@ -139,6 +143,62 @@ def test_analyze_reports_approaches_side_by_side_and_extrapolates():
     assert ex["held_out_budget"] == f"{BUDGETS[-1]:.3g}flops"
     assert ex["surface"]["verdict"] == "pass" and abs(ex["surface"]["relative_error"]) < 0.01
     assert ex["power"]["relative_error"] < 0
+
+
+# ---- do model size and epochs grow at the same rate? ---------------------------------------------
+RATE_MODELS = proportional_models(14, 7e3)  # 7e3 .. 6.3e5 parameters, F = 6 N: N* moves 12x over the budgets at most
+RATE_BUDGETS = BUDGETS[1:5]  # 3e12 .. 8.1e13
+RATE_DRAWS = 30
+
+
+def rate_law(alpha, beta) -> Law:
+    """E = 1.5; at the middle budget N* is the models' geometric centre and the D term is 0.5 (with
+    6ND, alpha A N*^-alpha = beta B D*^-beta there), so every budget has an interior optimum."""
+    c_mid = math.sqrt(RATE_BUDGETS[0] * RATE_BUDGETS[-1])
+    n_mid = math.sqrt(RATE_MODELS[0][1] * RATE_MODELS[-1][1])
+    d_mid = c_mid / (6 * n_mid)
+    B = 0.5 * d_mid**beta
+    return Law(1.5, beta * 0.5 / alpha * n_mid**alpha, B, alpha, beta)
+
+
+@pytest.mark.parametrize("alpha,beta,expected", [(0.3, 0.3, "same rate"), (0.2, 0.6, "model size faster")])
+def test_same_rate_verdict_follows_the_law(alpha, beta, expected):
+    """N* ~ C^(beta / (alpha + beta)) and epochs* ~ C^(alpha / (alpha + beta)): alpha = beta grows
+    both at the same rate, alpha = 0.2, beta = 0.6 model size three times as fast (0.75 vs 0.25).
+    Both approaches, 4 seeds, 30 design-respecting draws (the paired interval of a_N - a_D): the
+    right verdict in at least 3 seeds of 4, the opposite one in none. Measured over 8 seeds at 0.3%
+    noise: the surface 8 of 8 for both laws; the isoFLOP parabolas 7 of 8 (one "epochs faster")
+    and 8 of 8."""
+    law = rate_law(alpha, beta)
+    truth = (beta - alpha) / (alpha + beta)
+    verdicts: dict[str, list] = {name: [] for name in SAME_RATE}
+    for seed in SEEDS:
+        cs = cells(synthetic_rows(law, RATE_MODELS, RATE_BUDGETS, noise=0.003, seed=seed))
+        main = _fit_all(cs, 60000)
+        iv = bootstrap(cs, 60000, RATE_DRAWS, seed, main=main)
+        for name in SAME_RATE:
+            v = same_rate(main[name], iv[name])
+            verdicts[name].append(v["verdict"])
+            lo, hi = v["interval"]
+            assert (lo <= 0 <= hi) == (v["verdict"] == "same rate") or v["verdict"] == "no verdict"
+            assert v["a_N"] - v["epochs_exponent"] == pytest.approx(v["difference"])
+        assert abs(main["surface"].a_n - main["surface"].a_d - truth) < 0.05
+    for name, vs in verdicts.items():
+        assert vs.count(expected) >= len(SEEDS) - 1, f"{name}: {vs}"
+        assert expected != "model size faster" or "epochs faster" not in vs, f"{name}: {vs}"
+
+
+def test_same_rate_refuses_without_a_compute_optimal_fit():
+    """The three smallest models only: the largest is best at every budget, so the isoFLOP fit is
+    refused and the same-rate report says why; without bootstrap draws there is no verdict."""
+    rows = synthetic_rows(rate_law(0.3, 0.3), RATE_MODELS[:3], RATE_BUDGETS, noise=0.003, seed=0)
+    r = analyze(rows, train_size=60000, draws=0)
+    assert isinstance(r["optimal"], Refusal)
+    assert "compute-optimal N*(C), D*(C) was not fitted" in r["same_rate"]["optimal"]["refused"]
+    assert "no interior minimum: the largest model is best" in r["same_rate"]["optimal"]["refused"]
+    sf = r["same_rate"]["surface"]
+    assert sf.get("verdict") == "no verdict" or "refused" in sf
+    assert same_rate(Refusal("x", "too few cells"), {}) == {"refused": "x was not fitted: too few cells"}
 
 
 def test_cli_exits_nonzero_when_it_refuses(tmp_path, capsys, monkeypatch):

@@ -58,9 +58,29 @@ def _interval(iv: dict, fit: str, k: str) -> str:
     return f"[{end(lo)}, {end(hi)}]"
 
 
+def _cost(result: dict) -> str:
+    dh = result.get("device_hours") or {}
+    if not math.isfinite(dh.get("total", math.nan)):
+        return "device-hours: not recorded in this table"
+    return (f"device-hours: pretraining {dh['pretraining']:.4g}, fine-tuning {dh['finetuning']:.4g}, failed attempts "
+            f"{dh['failed']:.4g}; total {dh['total']:.4g}")  # fmt: skip
+
+
+def _same_rate(result: dict) -> list[str]:
+    out = []
+    for name, v in result.get("same_rate", {}).items():
+        label = {"optimal": "isoFLOP", "surface": "surface"}[name]
+        if "refused" in v:
+            out.append(f"same rate? ({label}): refused: {v['refused']}")
+            continue
+        out.append(f"same rate? ({label}): N* ~ C^{v['a_N']:.3f}, epochs* ~ C^{v['epochs_exponent']:.3f}, a_N - a_D = "
+                   f"{v['difference']:+.3f} {_interval(result.get('intervals', {}), name, 'a_N-a_D')}: {v['line']}")  # fmt: skip
+    return out
+
+
 def summarize(result: dict) -> str:
     if "refusal" in result:
-        return f"no fit: {result['refusal'].reason}"
+        return f"no fit: {result['refusal'].reason}\n{_cost(result)}"
     iv = result.get("intervals", {})
     out = []
     for name in ("saturating", "power"):
@@ -80,6 +100,7 @@ def summarize(result: dict) -> str:
         out.append(f"compute-optimal: N* ~ C^{opt.a_n:.3f} {_interval(iv, 'optimal', 'a_N')}, D* ~ C^{opt.a_d:.3f} {_interval(iv, 'optimal', 'a_D')}")
     else:
         out.append(f"compute-optimal: not fitted: {opt.reason}")
+    out += _same_rate(result)
     out.append("side by side: " + " | ".join(f"{title}: " + (", ".join(f"{k} {v}" for k, v in q.items()) or "-")
                                              for title, q in approach_rows(result)))  # fmt: skip
     flags = result.get("disagreements", [])
@@ -90,6 +111,7 @@ def summarize(result: dict) -> str:
             e = ex[name]
             if "relative_error" in e:
                 out.append(f"extrapolation to budget {ex['held_out_budget']} ({name}): {e['relative_error']:+.1%}, {e['verdict']}")
+    out.append(_cost(result))
     return "\n".join(out)
 
 

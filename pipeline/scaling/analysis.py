@@ -6,7 +6,8 @@ Only rows with status "ok" and a finite loss enter a fit; diverged and failed ru
 listed in the report. Four approaches: the frontier (one point per budget) with a saturating and a
 pure power law, isoFLOP parabolas (laws.py) and the L(N, D) surface (surface.py); 95% bootstrap
 intervals and the extrapolation check are in intervals.py. Where two approaches estimate the same
-quantity and their intervals do not overlap, `disagreements` says so.
+quantity and their intervals do not overlap, `disagreements` says so; `same_rate` says whether
+compute-optimal model size and training epochs grow at the same rate.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from collections import defaultdict
 import numpy as np
 
 from .intervals import extrapolation, intervals_of, overlaps, residual_curves, values, within_budgets
-from .laws import Cell, PowerFit, Refusal, compute_optimal, finetune_envelope, fit_error_vs_compute, fit_power, frontier
-from .surface import fit_cells
+from .laws import Cell, OptimalFit, PowerFit, Refusal, compute_optimal, finetune_envelope, fit_error_vs_compute, fit_power, frontier
+from .surface import SurfaceFit, fit_cells
+from .table import device_hour_totals
 
 
 def _f(x) -> float:
@@ -103,6 +105,37 @@ def disagreements(result: dict) -> list[str]:
     return out
 
 
+SAME_RATE = ("optimal", "surface")  # the approaches that give N*(C) and D*(C)
+
+
+def same_rate(fit, iv: dict) -> dict:
+    """Do compute-optimal model size and training epochs grow at the same rate with compute ("ConvNets
+    Match Vision Transformers at Scale", Smith et al. 2023)? N* ~ C^a_N and, on a fixed corpus,
+    epochs* = D* / (images per epoch) ~ C^a_D. The verdict rests on the 95% bootstrap interval of
+    a_N - a_D (`iv`: the fit's intervals; each draw's own difference, so the interval is paired):
+    the same rate when it holds 0, else the larger exponent grows faster. No verdict from an
+    interval that holds 0 only because it is unbounded, nor without bootstrap draws."""
+    if not isinstance(fit, (OptimalFit, SurfaceFit)):
+        why = f"{fit.what} was not fitted: {fit.reason}" if isinstance(fit, Refusal) else "not fitted"
+        return {"refused": why}
+    v = values(fit)
+    if not all(math.isfinite(v[k]) for k in ("a_N", "a_D")):
+        return {"refused": "the exponents are undetermined (a term of the surface ended on a bound)"}
+    lo, hi = iv.get("a_N-a_D", (math.nan, math.nan))
+    out = {"a_N": v["a_N"], "epochs_exponent": v["a_D"], "difference": v["a_N-a_D"], "interval": (lo, hi)}
+    if math.isnan(lo) or math.isnan(hi):
+        out.update(verdict="no verdict", line="no verdict: no bootstrap interval (--bootstrap 0)")
+    elif lo <= 0 <= hi and (math.isinf(lo) or math.isinf(hi)):
+        out.update(verdict="no verdict", line="no verdict: the interval of a_N - a_D is unbounded")
+    elif lo <= 0 <= hi:
+        out.update(verdict="same rate", line="model size and epochs grow at the same rate")
+    elif hi < 0:
+        out.update(verdict="epochs faster", line="epochs grow faster than model size")
+    else:
+        out.update(verdict="model size faster", line="model size grows faster than epochs")
+    return out
+
+
 def analyze(rows: list[dict], *, train_size: float, metric: str = "heldout_loss", draws: int = 500, seed: int = 0) -> dict:
     cs = cells(rows, metric)
     status = defaultdict(int)
@@ -111,13 +144,15 @@ def analyze(rows: list[dict], *, train_size: float, metric: str = "heldout_loss"
     used = {c.point for c in cs} | {r["point"] for r in rows if r.get("status") == "ok" and (r["model"], r["budget"]) in {(c.model, c.budget) for c in cs}}
     excluded = [r if r.get("status") != "ok" else {**r, "status": "ok, not usable", "error": "missing or non-positive loss/params/FLOPs"}
                 for r in rows if r["point"] not in used]  # fmt: skip
-    result = {"cells": cs, "status": dict(status), "metric": metric, "train_size": train_size, "excluded": excluded}
+    result = {"cells": cs, "status": dict(status), "metric": metric, "train_size": train_size, "excluded": excluded,
+              "device_hours": device_hour_totals(rows)}  # fmt: skip
     if len(cs) < 3:
         result["refusal"] = Refusal("all fits", f"{len(cs)} usable (model, budget) cells; at least 3 are needed")
         return result
     result.update(_fit_all(cs, train_size))
     result["intervals"] = bootstrap(cs, train_size, draws, seed, main=result) if draws else {}
     result["disagreements"] = disagreements(result)
+    result["same_rate"] = {name: same_rate(result[name], result["intervals"].get(name, {})) for name in SAME_RATE}
     result["extrapolation"] = extrapolation(cs, draws, seed + 1)
     result["lr_at_edge"] = [f"{c.model} @ {c.budget} (lr {c.lr:g} of {list(c.lrs_tried)})" for c in cs if c.lr_at_edge]
     return result

@@ -52,21 +52,23 @@ def residual_curves(compute, loss, fit: PowerFit, saturating: bool, rng: np.rand
 
 def values(fit) -> dict[str, float]:
     """The scalars of a fit that get intervals: -inf / +inf where the fit ended on that side's bound,
-    nan where the value is undetermined (an exponent of a term the fit dropped)."""
+    nan where the value is undetermined (an exponent of a term the fit dropped). a_N-a_D is taken
+    within each fit, so its interval comes from the same draws as a_N's and a_D's (paired)."""
     if isinstance(fit, PowerFit):
         out = {"E": fit.E, "a": fit.a, "b": fit.b}
         for flag in fit.at_bound:  # "E-", "b+", ...
             out[flag[:-1]] = -math.inf if flag[-1] == "-" else math.inf
         return out
     if isinstance(fit, OptimalFit):
-        return {"a_N": fit.a_n, "a_D": fit.a_d, "k_N": fit.k_n, "k_D": fit.k_d}
+        return {"a_N": fit.a_n, "a_D": fit.a_d, "a_N-a_D": fit.a_n - fit.a_d, "k_N": fit.k_n, "k_D": fit.k_d}
     if isinstance(fit, SurfaceFit):
         return _surface_values(fit)
     return {}
 
 
 def _surface_values(fit: SurfaceFit) -> dict[str, float]:
-    out = {"E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta, "b": fit.b, "a_N": fit.a_n, "a_D": fit.a_d}
+    out = {"E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta, "b": fit.b, "a_N": fit.a_n, "a_D": fit.a_d,
+           "a_N-a_D": fit.a_n - fit.a_d}  # fmt: skip
     flags = set(fit.at_bound)
     side = {"-": -math.inf, "+": math.inf}
     for flag in flags:
@@ -80,7 +82,7 @@ def _surface_values(fit: SurfaceFit) -> dict[str, float]:
     if "b-" in flags:
         out["beta"] = math.nan
     if not (math.isfinite(out["alpha"]) and math.isfinite(out["beta"])):
-        out.update(b=math.nan, a_N=math.nan, a_D=math.nan)
+        out.update({"b": math.nan, "a_N": math.nan, "a_D": math.nan, "a_N-a_D": math.nan})
     return out
 
 

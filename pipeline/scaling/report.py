@@ -64,8 +64,8 @@ def to_json(result: dict) -> dict:
             return enc(v.item())
         return v
 
-    keep = ("status", "metric", "train_size", "saturating", "power", "surface", "optimal", "finetune", "intervals", "extrapolation",
-            "disagreements", "lr_at_edge", "refusal")  # fmt: skip
+    keep = ("status", "metric", "train_size", "device_hours", "saturating", "power", "surface", "optimal", "finetune", "intervals",
+            "same_rate", "extrapolation", "disagreements", "lr_at_edge", "refusal")  # fmt: skip
     out = {k: enc(result[k]) for k in keep if k in result}
     out["frontier"] = [c.point for c in result.get("frontier", [])]
     out["cells"] = enc(result["cells"])
@@ -217,6 +217,40 @@ def _extrapolation_lines(ex) -> list[str]:
     return lines
 
 
+def _same_rate_lines(result: dict) -> list[str]:
+    lines = ["", "## Do model size and epochs grow at the same rate?", "",
+             "\"ConvNets Match Vision Transformers at Scale\" (Smith et al. 2023): compute-optimal model size and training "
+             "epochs grow at the same rate. Here N* ~ C^a_N and epochs* = D* / (images per epoch) ~ C^a_D; the verdict "
+             "rests on the 95% bootstrap interval of a_N - a_D, both exponents from the same draws (paired).", "",
+             "| approach | N* exponent a_N | epochs* exponent a_D | a_N - a_D [95% interval] | verdict |", "|---|---|---|---|---|"]  # fmt: skip
+    titles = dict(APPROACHES)
+    for name, v in result.get("same_rate", {}).items():
+        if "refused" in v:
+            lines.append(f"| {titles[name]} | | | | refused: {v['refused']} |")
+            continue
+        ends = ", ".join("n/a" if math.isnan(x) else _end(x) for x in v["interval"])
+        lines.append(f"| {titles[name]} | {_g(v['a_N'], 3)} | {_g(v['epochs_exponent'], 3)} | {_g(v['difference'], 3)} [{ends}] | "
+                     f"**{v['line']}** |")  # fmt: skip
+    return lines + ["", "With training FLOPs per image F(N) ~ N^phi, C ~ N^phi D, so phi a_N + a_D = 1: the same rate is "
+                    "1 / (1 + phi) each (0.5 under the 6ND rule). On the surface a_N - a_D = (beta - alpha) / (alpha + phi beta)."]  # fmt: skip
+
+
+def _cost_lines(result: dict) -> list[str]:
+    """The sweep's device-hours in parts that add up (table.device_hour_totals)."""
+    dh = result.get("device_hours") or {}
+    if not math.isfinite(dh.get("total", math.nan)):
+        return ["", "Device-hours: not recorded in this table."]
+    return ["", "## Compute spent (device-hours)", "",
+            "Every attempt's Ray task, from submission to its end (start-up, data, training, evaluation, export), times the "
+            "devices (workers) it held, failed attempts included (docs/scaling.md, \"What a run costs\").", "",
+            "| part | device-hours |", "|---|---|",
+            f"| pretraining, attempts that finished their run | {_g(dh['pretraining'])} |",
+            f"| (of which runs that diverged) | {_g(dh['diverged'])} |",
+            f"| fine-tuning, attempts that finished their run | {_g(dh['finetuning'])} |",
+            f"| failed attempts (pretraining and fine-tuning; retried or given up) | {_g(dh['failed'])} |",
+            f"| **total** | **{_g(dh['total'])}** |"]  # fmt: skip
+
+
 def _fit_lines(result: dict) -> list[str]:
     iv = result.get("intervals", {})
     lines = _side_by_side(result) + _curve_lines(result, iv)
@@ -234,6 +268,7 @@ def _fit_lines(result: dict) -> list[str]:
             lines.append(f"- level {r.what} skipped: {r.reason}")
     elif isinstance(opt, Refusal):
         lines.append(f"Not fitted: {opt.reason}")
+    lines += _same_rate_lines(result)
     ft = result.get("finetune")
     lines += ["", "## Fine-tuned accuracy against pretraining compute", ""]
     if isinstance(ft, PowerFit):
@@ -263,6 +298,7 @@ def write_report(result: dict, out: str, title: str = "Scaling sweep") -> str:
     if result["excluded"]:
         lines += ["", "Not fitted: " + "; ".join(f"{r['point']} ({r['status']}{': ' + str(r.get('error'))[:120] if r.get('error') else ''})"
                                                  for r in result["excluded"])]  # fmt: skip
+    lines += _cost_lines(result)
     if "refusal" not in result:
         lines += [""] + _fit_lines(result)
     lines += ["", "## Plots", ""] + [f"![{n}]({n}.png)" for n in figs]

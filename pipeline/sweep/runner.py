@@ -6,6 +6,9 @@ Resumable: a point whose row says ok or diverged (with the same config hash) is 
 that finished while the sweep was not watching (results.json in its run dir, same config) is
 recorded without training; a failed point is re-run up to `max_retries` times and resumes from its
 last checkpoint (same storage and name). Diverged runs are recorded and never fitted.
+
+Cost: every attempt (pretraining and fine-tuning, failed ones too) is in the sweep's attempt log
+(attempts.py); a row's device-hours columns are its attempts' totals.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pipeline.scaling.analysis import cells as best_cells
 from pipeline.scaling.laws import frontier
 from pipeline.scaling.table import read_table, write_table
 
+from .attempts import HEARTBEAT_S, AttemptLog, floor_hours
 from .spec import Point, SweepSpec, config_hash, finetune_config, point_config, points
 
 
@@ -85,6 +89,7 @@ class Sweep:
                           "data/ (git-ignored): pass an absolute path or s3:// URI, e.g. --point-set data.root=/abs/path") from e  # fmt: skip
         self.classes = len(self.manifest["classes"])
         self.rows = {r["point"]: r for r in read_table(spec.table, self.endpoint)}
+        self.attempts = AttemptLog(spec.root, self.endpoint)
 
     # ---- one row per run ---------------------------------------------------------------------
     def _base_row(self, p: Point, cfg: TrainConfig) -> dict:
@@ -101,8 +106,8 @@ class Sweep:
             row.update(status="failed", error=(error or "no results.json was written").strip().splitlines()[-1][:300])
             return row
         t = res["training"]
-        row.update(samples_seen=t["samples_seen"], epochs=t["epochs"], train_flops=t["train_flops"], wall_time_s=t["wall_time_s"],
-                   flops_per_image=t["train_flops_per_image"], device_hours=t["wall_time_s"] * t["world_size"] / 3600)  # fmt: skip
+        row.update(samples_seen=t["samples_seen"], epochs=t["epochs"], train_flops=t["train_flops"], train_wall_time_s=t["wall_time_s"],
+                   flops_per_image=t["train_flops_per_image"])  # fmt: skip
         if res["status"] == "diverged":
             row.update(status="diverged", error=res.get("reason", "")[:300], heldout_loss=math.nan)
             return row
@@ -118,6 +123,17 @@ class Sweep:
             row.update(status="diverged", error=f"held-out loss {loss:.4g} > {self.spec.diverged_factor} x ln({self.classes}) = "
                                                 f"{self.spec.diverged_factor * chance:.4g} (chance level)")  # fmt: skip
         return row
+
+    def _account(self, row: dict) -> None:
+        """The row's device-hours from the attempt log: pretraining (never less than the training
+        loop's own time x workers, for attempts that went unrecorded) and fine-tuning, each with the
+        part spent on failed attempts."""
+        total, failed = self.attempts.hours(row["point"], "pretrain", row["config_hash"])
+        floor = floor_hours(row.get("train_wall_time_s"), self.cfgs[row["point"]].run.num_workers)
+        row.update(device_hours=max(total, floor), failed_device_hours=failed)
+        if row.get("finetune_config_hash"):
+            total, failed = self.attempts.hours(row["point"], "finetune", row["finetune_config_hash"])
+            row.update(finetune_device_hours=total, finetune_failed_device_hours=failed)
 
     def _save(self) -> None:
         order = {p.name: i for i, p in enumerate(self.points)}
@@ -145,6 +161,8 @@ class Sweep:
             if saved is not None:  # finished while nobody was watching?
                 done = self._collect(p, None, _int(row.get("attempts")) if row else 1)
                 if done["status"] in ("ok", "diverged"):
+                    self.attempts.settle(p.name, "pretrain", h, done["status"])
+                    self._account(done)
                     self.rows[p.name] = done
                     self._save()
                     continue
@@ -168,46 +186,53 @@ class Sweep:
         return out
 
     # ---- running ---------------------------------------------------------------------------------
-    def _run_many(self, jobs: list[tuple[str, TrainConfig]], on_done) -> None:
-        """Run (key, cfg) as Ray tasks, `parallel` at a time; on_done(key, error) as each ends."""
+    def _run_many(self, kind: str, jobs: list[tuple[str, TrainConfig, str]], on_done) -> None:
+        """Run (key, cfg, config hash) as Ray tasks, `parallel` at a time; on_done(key, error, attempt)
+        as each ends, which ends the attempt in the log. The log has each attempt from submission,
+        with a heartbeat every HEARTBEAT_S, so a killed driver leaves its attempts' time behind."""
         import ray
 
         task = ray.remote(num_cpus=0, max_retries=0)(_run_task)
         queue, pending = list(jobs), {}
         while queue or pending:
             while queue and len(pending) < self.spec.parallel:
-                key, cfg = queue.pop(0)
+                key, cfg, h = queue.pop(0)
                 self.log(f"start {key}")
-                pending[task.remote(cfg.to_dict())] = (key, time.time())
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            key, t0 = pending.pop(ready[0])
+                attempt = self.attempts.start(key, kind, h, cfg.run.num_workers)
+                pending[task.remote(cfg.to_dict())] = (key, cfg, h, attempt, time.time())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
+            if not ready:
+                self.attempts.beat([v[3] for v in pending.values()])
+                continue
+            key, cfg, h, attempt, t0 = pending.pop(ready[0])
             try:
                 error = ray.get(ready[0])
             except Exception as e:  # noqa: BLE001 - the task's process died (OOM, lost node): record, go on
                 error = f"{type(e).__name__}: {e}"[-2000:]
             self.log(f"end {key} in {time.time() - t0:.0f} s" + (f": {error.strip().splitlines()[-1]}" if error else ""))
-            retry = on_done(key, error)
-            if retry is not None:
-                queue.append(retry)
+            if on_done(key, error, attempt):
+                queue.append((key, cfg, h))
 
     def pretrain(self) -> None:
         todo = self.todo()
         by_name = {p.name: p for p in todo}
         self.log(f"sweep {self.spec.name}: {len(self.points)} points, {len(todo)} to run, {self.spec.parallel} side by side")
 
-        def done(key, error):
+        def done(key, error, attempt) -> bool:
+            """Record the attempt's row; True to retry it."""
             p = by_name[key]
             attempts = _int(self.rows.get(key, {}).get("attempts")) + 1
-            self.rows[key] = self._collect(p, error, attempts)
+            self.rows[key] = r = self._collect(p, error, attempts)
+            self.attempts.end(attempt, r["status"])
+            self._account(r)
             self._save()
-            r = self.rows[key]
             self.log(f"  {key}: {r['status']}" + (f", held-out loss {r['heldout_loss']:.4f}" if r["status"] == "ok" else f" ({r['error']})"))
             if r["status"] == "failed" and attempts <= self.spec.max_retries:
                 self.log(f"  retrying {key} (attempt {attempts + 1} of {self.spec.max_retries + 1}); it resumes from its last checkpoint")
-                return key, self.cfgs[key]
-            return None
+                return True
+            return False
 
-        self._run_many([(p.name, self.cfgs[p.name]) for p in todo], done)
+        self._run_many("pretrain", [(p.name, self.cfgs[p.name], config_hash(self.cfgs[p.name])) for p in todo], done)
 
     def selected_for_finetuning(self) -> list[str]:
         current = {p.name for p in self.points}  # the table may hold rows of points the spec no longer lists
@@ -236,12 +261,13 @@ class Sweep:
             prepare_data(cfg, use_ray=False, progress=False)  # packs once, in the driver; then reused
             cfg.data.source = ""
             Store(_run_dir(cfg), self.endpoint).delete("results.json")  # never read a stale result as this one's
-            jobs.append((k, cfg))
+            jobs.append((k, cfg, h))
         self.log(f"fine-tuning {len(jobs)} run(s) ({self.spec.finetune.select}) with preset {self.spec.finetune.preset}")
-        ft_cfgs = dict(jobs)
+        ft_cfgs = {k: cfg for k, cfg, _ in jobs}
         tries: dict[str, int] = {}
 
-        def done(key, error):
+        def done(key, error, attempt) -> bool:
+            """Record the fine-tuning result in the point's row; True to retry it."""
             tries[key] = tries.get(key, 0) + 1
             res = _read_json(_run_dir(ft_cfgs[key]), "results.json", self.endpoint)
             row = self.rows[key]
@@ -250,13 +276,13 @@ class Sweep:
                 row.update(finetune_top1=pick["top1"], finetune_top5=pick["top5"], finetune_status="ok")
             else:
                 row.update(finetune_status="failed", error=("fine-tuning: " + (error or "no results.json").strip().splitlines()[-1])[:300])
+            self.attempts.end(attempt, row["finetune_status"])
+            self._account(row)
             self._save()
             self.log(f"  {key}: fine-tuned top-1 {row.get('finetune_top1', math.nan):.4f}" if row["finetune_status"] == "ok" else f"  {key}: {row['error']}")
-            if row["finetune_status"] == "failed" and tries[key] <= self.spec.max_retries:
-                return key, ft_cfgs[key]
-            return None
+            return row["finetune_status"] == "failed" and tries[key] <= self.spec.max_retries
 
-        self._run_many(jobs, done)
+        self._run_many("finetune", jobs, done)
 
 
 def run_sweep(spec: SweepSpec, *, retry_failed: bool = False, fit: bool = True, log=print) -> dict:
