@@ -48,7 +48,7 @@ test: setup
 demo: setup
 	$(VENV)/bin/python -m launch.demo
 
-# A CPU scaling sweep (configs/sweeps/demo.yaml, ~25 min on 2 cores): runs/sweep-demo/report/report.md
+# A CPU scaling sweep (configs/sweeps/demo.yaml, ~26 min on 2 cores): runs/sweep-demo/report/report.md
 sweep-demo: setup
 	$(VENV)/bin/python -m launch.demo --sweep
 

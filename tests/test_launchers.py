@@ -255,7 +255,7 @@ def test_readme_cluster_commands_run_as_printed_after_a_demo_sized_run(tmp_path,
     d = tmp_path
     for name in (".venv", "launch"):
         (d / name).symlink_to(REPO / name)
-    # ~1,090 training images: 2 epochs at global batch 1024 are 3 steps (the demo's 68,600 make 134)
+    # ~1,090 training images: 2 epochs at global batch 1024 are 3 steps (the demo's 58,820 make 115)
     pack("fashion-mnist", str(d / "data" / "fashion-mnist"), PackOptions(samples_per_shard=500, limit_per_split=1100, heldout_fraction=0.02), progress=False)
     write_groups(str(d / "data" / "fashion-mnist-groups"), n_train=512, n_val=128)
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["dashboard"]}
