@@ -157,6 +157,13 @@ def test_device_hours_count_every_attempt_and_add_up(tmp_path):
         now[0] = end
         log.end(i, status)
 
+    busy = AttemptLog(str(tmp_path / "busy"), clock=clock)  # tasks ending more often than the heartbeat
+    now[0] = 0
+    long_one = busy.start("q", "pretrain", "h", 1)
+    for t in (30, 60, 90, 120):
+        attempt(busy, f"short{t}", "pretrain", "h", 1, t - 5, t, "ok")
+    assert busy.records[long_one]["last_seen"] == 120  # the driver's saves kept it alive, no beat needed
+
     log = AttemptLog(str(tmp_path), clock=clock)
     attempt(log, "p", "pretrain", "old", 8, 0, 900, "failed")  # the spec changed since: not this run's
     attempt(log, "p", "pretrain", "h", 2, 0, 900, "failed")  # 0.25 h x 2 workers

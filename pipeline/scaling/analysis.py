@@ -113,8 +113,9 @@ def same_rate(fit, iv: dict) -> dict:
     Match Vision Transformers at Scale", Smith et al. 2023)? N* ~ C^a_N and, on a fixed corpus,
     epochs* = D* / (images per epoch) ~ C^a_D. The verdict rests on the 95% bootstrap interval of
     a_N - a_D (`iv`: the fit's intervals; each draw's own difference, so the interval is paired):
-    the same rate when it holds 0, else the larger exponent grows faster. No verdict from an
-    interval that holds 0 only because it is unbounded, nor without bootstrap draws."""
+    consistent with the same rate when it holds 0 (the line gives its width), else the larger
+    exponent grows faster. No verdict from an interval with an unbounded end (a bound of the fit, or
+    draws that could not be fitted), nor without bootstrap draws."""
     if not isinstance(fit, (OptimalFit, SurfaceFit)):
         why = f"{fit.what} was not fitted: {fit.reason}" if isinstance(fit, Refusal) else "not fitted"
         return {"refused": why}
@@ -123,12 +124,13 @@ def same_rate(fit, iv: dict) -> dict:
         return {"refused": "the exponents are undetermined (a term of the surface ended on a bound)"}
     lo, hi = iv.get("a_N-a_D", (math.nan, math.nan))
     out = {"a_N": v["a_N"], "epochs_exponent": v["a_D"], "difference": v["a_N-a_D"], "interval": (lo, hi)}
-    if math.isnan(lo) or math.isnan(hi):
+    if (math.isnan(lo) or math.isnan(hi)) and iv.get("_ok", 1.0) > 0:
         out.update(verdict="no verdict", line="no verdict: no bootstrap interval (--bootstrap 0)")
-    elif lo <= 0 <= hi and (math.isinf(lo) or math.isinf(hi)):
+    elif not (math.isfinite(lo) and math.isfinite(hi)):  # unbounded, or no draw could be fitted
         out.update(verdict="no verdict", line="no verdict: the interval of a_N - a_D is unbounded")
     elif lo <= 0 <= hi:
-        out.update(verdict="same rate", line="model size and epochs grow at the same rate")
+        # an interval holding 0 fails to tell the rates apart; its width says how much that means
+        out.update(verdict="same rate", line=f"consistent with the same rate (a_N - a_D within [{lo:.3g}, {hi:.3g}])")
     elif hi < 0:
         out.update(verdict="epochs faster", line="epochs grow faster than model size")
     else:

@@ -53,7 +53,15 @@ class AttemptLog:
             if r["status"] == "running":
                 r["status"] = "interrupted"
 
-    def _save(self) -> None:
+    def _save(self, now: float | None = None) -> None:
+        # Every save proves the driver alive, so it refreshes every running attempt's last_seen: a
+        # driver whose `ray.wait` keeps returning finished tasks (more often than HEARTBEAT_S) never
+        # reaches `beat`, and its long attempts would otherwise keep their start time as last_seen.
+        running = [r for r in self.records if r["status"] == "running"]
+        if running:
+            now = self.clock() if now is None else now
+            for r in running:
+                r["last_seen"] = now
         self.store.write_bytes_atomic(NAME, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def start(self, point: str, kind: str, config_hash: str, workers: int) -> int:
@@ -61,20 +69,18 @@ class AttemptLog:
         now = self.clock()
         self.records.append({"point": point, "kind": kind, "config_hash": config_hash, "workers": int(workers),
                              "start": now, "last_seen": now, "end": None, "status": "running"})  # fmt: skip
-        self._save()
+        self._save(now)
         return len(self.records) - 1
 
-    def beat(self, ids) -> None:
-        now = self.clock()
-        for i in ids:
-            self.records[i]["last_seen"] = now
+    def beat(self, ids=()) -> None:
+        """A heartbeat: the save refreshes every running attempt (`ids` kept for callers)."""
         self._save()
 
     def end(self, i: int, status: str) -> None:
         """The attempt returned; `status` is what it left its run: ok, diverged or failed."""
         now = self.clock()
         self.records[i].update(last_seen=now, end=now, status=status)
-        self._save()
+        self._save(now)
 
     def settle(self, point: str, kind: str, config_hash: str, status: str) -> None:
         """A run found finished that nobody saw finish: its latest interrupted attempt finished it."""
