@@ -287,12 +287,17 @@ def test_mini_sweep_end_to_end_with_divergence_retry_finetuning_and_resume(tmp_p
     report = (root / "report" / "report.md").read_text()
     assert "(diverged" in report and "## Plots" in report and (root / "report" / "fit.json").exists()
     assert "results table:" in out.stdout and "report:" in out.stdout
-    # Re-running the same command trains nothing and leaves the table as it was.
-    before = table.read_bytes()
+    # The attempt log: each of the 9 points once, the blocked one's failed first attempt, each fine-tuning.
+    log = [json.loads(line) for line in (root / "attempts.jsonl").read_text().splitlines()]
+    assert len(log) == 9 + 1 + len(tuned) and all(a["end"] is not None and a["end"] >= a["start"] for a in log)
+    assert sorted(a["status"] for a in log if a["point"] == blocked and a["kind"] == "pretrain") == ["failed", "ok"]
+    assert rows[blocked]["failed_device_hours"] > 0 and all(rows[k]["finetune_device_hours"] > 0 for k in tuned)
+    # Re-running the same command trains nothing and leaves the table and the log as they were.
+    before, log_before = table.read_bytes(), (root / "attempts.jsonl").read_bytes()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "9 points, 0 to run" in again.stdout and "\nstart " not in again.stdout and "fine-tuning 0 run(s)" in again.stdout
-    assert table.read_bytes() == before
+    assert table.read_bytes() == before and (root / "attempts.jsonl").read_bytes() == log_before
 
 
 def test_sweep_resume_decisions_without_training(tmp_path):
