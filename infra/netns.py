@@ -56,6 +56,7 @@ class Hosts:
             os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
             GLOO_SOCKET_IFNAME=IFACE, DS_ACCELERATOR="cpu", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
             AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.s3, RAY_ADDRESS=self.address, PYTHONUNBUFFERED="1",
+            RAY_DEDUP_LOGS="0",  # Ray folds lines that differ only in numbers: tests read every step line
         )  # fmt: skip
         self.procs: list[subprocess.Popen] = []
 
@@ -66,8 +67,8 @@ class Hosts:
             raise RuntimeError(f"{' '.join(cmd)} failed in {host}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
         return out
 
-    def popen(self, host: str, *cmd: str, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *cmd], env=self.env, cwd=REPO, **kw)
+    def popen(self, host: str, *cmd: str, env: dict | None = None, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *cmd], env={**self.env, **(env or {})}, cwd=REPO, **kw)
         self.procs.append(p)
         return p
 
@@ -87,16 +88,47 @@ class Hosts:
             # A default route: Ray finds a process's node address by routing towards a public IP.
             sh("ip", "-n", ns, "route", "add", "default", "dev", IFACE)
         self.popen("a", str(VENV_BIN / "moto_server"), "-H", self.ip["a"], "-p", str(S3_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        common = ["--num-cpus", "1", "--object-store-memory", "300000000", "--disable-usage-stats", "--temp-dir", self.temp]
+        # The GCS declares a silent node dead after 3 failed 1 s health checks (Ray's defaults: 5 of 3 s,
+        # each up to 10 s), so the elastic tests' lost host is noticed in seconds, not a minute.
+        health = '{"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}'
         self.run("a", str(VENV_BIN / "ray"), "start", "--head", "--port", str(GCS_PORT), "--node-ip-address", self.ip["a"],
-                 "--include-dashboard", "false", *common, timeout=120)  # fmt: skip
-        self.run("b", str(VENV_BIN / "ray"), "start", "--address", self.address, "--node-ip-address", self.ip["b"], *common, timeout=120)
+                 "--include-dashboard", "false", f"--system-config={health}", *self._common, "--temp-dir", self.temp,
+                 timeout=120)  # fmt: skip
         self.python("a", "from data_prep.storage import s3_client; s3_client().create_bucket(Bucket='mnode')")
-        deadline = time.time() + 60
-        while "2 nodes" not in (n := self.python("a", "import ray; ray.init(); print(len(ray.nodes()), 'nodes')").stdout):
-            if time.time() > deadline:
-                raise RuntimeError(f"the worker node never joined: {n}")
-            time.sleep(2)
+        self.start_node("b")
+
+    _common = ["--num-cpus", "1", "--object-store-memory", "300000000", "--disable-usage-stats"]
+
+    def alive_nodes(self) -> int:
+        """Nodes the head's GCS counts as alive."""
+        out = self.python("a", "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))").stdout
+        return int(out.split()[-1])
+
+    def wait_nodes(self, n: int, timeout: float = 90) -> float:
+        """Wait until the GCS counts n alive nodes; returns the seconds waited."""
+        t0 = time.time()
+        while (have := self.alive_nodes()) != n:
+            if time.time() - t0 > timeout:
+                raise RuntimeError(f"the cluster has {have} alive nodes after {timeout:.0f} s, expected {n}")
+            time.sleep(1)
+        return time.time() - t0
+
+    def start_node(self, host: str, wait: bool = True) -> None:
+        """A Ray worker node in `host`'s namespace, joined to the head (a fresh node id each time)."""
+        before = self.alive_nodes() if wait else 0
+        self.run(host, str(VENV_BIN / "ray"), "start", "--address", self.address, "--node-ip-address", self.ip[host],
+                 *self._common, "--temp-dir", self.temp, timeout=120)  # fmt: skip
+        if wait:
+            self.wait_nodes(before + 1)
+
+    def stop_node(self, host: str) -> None:
+        """Take `host` away for good: SIGKILL every process in its namespace (raylet, workers), as a machine
+        that loses power. Not `ray stop`, which stops every Ray process on this machine."""
+        for pid in self.pids(host):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def python(self, host: str, code: str, timeout: int = 120) -> subprocess.CompletedProcess:
         return self.run(host, sys.executable, "-c", code, timeout=timeout)

@@ -121,6 +121,15 @@ class RunConfig:
     # fit() call, so a re-submission starts a fresh count. Sweeps set 0 (they retry points themselves).
     max_failures: int = 10
     placement: str = "PACK"  # Ray placement of the workers: PACK (fill nodes), SPREAD (one per node where possible), STRICT_*
+    # Elastic training (docs/multi-node.md). With min_workers > 0 the run starts as soon as min_workers
+    # can be placed, grows up to num_workers when workers can be placed, and continues on the survivors
+    # after losing workers. It only uses the sizes that divide the V = global_batch / micro_batch
+    # micro-batches of a step (TrainConfig.world_sizes): accumulation = V / workers keeps the samples
+    # of every optimizer step, the global batch and the lr schedule unchanged at any size.
+    min_workers: int = 0  # 0: not elastic, exactly num_workers; else the fewest workers the run goes on with
+    # Elastic: how often (seconds) Ray's controller looks for more placeable workers. It grows only right
+    # after a checkpoint is registered, so a resize discards at most one poll of steps.
+    resize_check_s: float = 60.0
     export: bool = True  # write {storage}/{name}/export at the end (the folder fine-tuning reads)
     device_peak_flops: float = 0.0  # per worker; for MFU (0: known GPUs only)
 
@@ -144,6 +153,30 @@ class TrainConfig:
                 f"x num_workers {self.run.num_workers} = {per_step}; choose values with global = micro x accum x workers"
             )
         return self.schedule.global_batch // per_step
+
+    @property
+    def slots(self) -> int:
+        """V: micro-batches in one optimizer step across all workers (the loader's slots)."""
+        return self.schedule.global_batch // self.schedule.micro_batch
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.run.min_workers < self.run.num_workers
+
+    def world_sizes(self) -> list[int]:
+        """The worker counts this run can train at: num_workers alone, or (elastic) the divisors of V in
+        [min_workers, num_workers]. At each the accumulation V / workers is whole, so every step sums
+        the same V micro-batches."""
+        lo = self.run.min_workers if self.elastic else self.run.num_workers
+        return [w for w in range(lo, self.run.num_workers + 1) if self.slots % w == 0]
+
+    def accum_for(self, world: int) -> int:
+        """Micro-batches each worker accumulates per step at `world` workers: V / world."""
+        if world not in self.world_sizes():
+            raise ValueError(f"this run cannot train on {world} workers: global_batch {self.schedule.global_batch} / "
+                             f"micro_batch {self.schedule.micro_batch} = {self.slots} micro-batches per step, and the sizes "
+                             f"it can use are {_sizes(self.world_sizes())}")  # fmt: skip
+        return self.slots // world
 
     @property
     def peak_lr(self) -> float:
@@ -186,6 +219,8 @@ RESUME_SAFE_KEYS = frozenset({
     "schedule.max_bad_steps",
     # Resources, placement and retries.
     "run.cpus_per_worker", "run.max_failures", "run.placement",
+    # The elastic range and how often it is checked: which world sizes run, not what they compute.
+    "run.min_workers", "run.resize_check_s",
     # Whether the export folder is written at the end; the MFU denominator (reporting only).
     "run.export", "run.device_peak_flops",
     # World size and ZeRO stage: checkpoints hold full fp32 weights, momentum and EMA gathered the
@@ -448,6 +483,7 @@ def resolve(preset: str, overrides: list[str] | None = None) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Clear errors for combinations that cannot run, before any worker starts."""
     cfg.accum_steps  # noqa: B018 - the batch identity, with its own message
+    check_elastic(cfg)
     if cfg.run.mode not in ("train", "eval"):
         raise ValueError(f"run.mode must be 'train' or 'eval', got {cfg.run.mode!r}")
     if cfg.run.mode == "eval" and not cfg.model.init_from:
@@ -461,6 +497,23 @@ def validate(cfg: TrainConfig) -> None:
                          "step reads full local gradients, which ZeRO-1/2 partition")  # fmt: skip
     check_ranges(cfg)
     check_choices(cfg)
+
+
+def _sizes(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes[:-1])) + (" or " if len(sizes) > 1 else "") + str(sizes[-1])
+
+
+def check_elastic(cfg: TrainConfig) -> None:
+    """run.min_workers: at most num_workers, and a size the run can train at (a divisor of V), so that
+    a run that has lost workers never waits for a size it could not use. The message lists the sizes."""
+    r = cfg.run
+    if r.min_workers < 0 or r.min_workers > r.num_workers:
+        raise ValueError(f"run.min_workers must be in [0, run.num_workers={r.num_workers}] (0: not elastic), got {r.min_workers}")
+    if r.min_workers and cfg.slots % r.min_workers:
+        ok = [w for w in range(1, r.num_workers + 1) if cfg.slots % w == 0]
+        raise ValueError(f"run.min_workers={r.min_workers} does not divide the {cfg.slots} micro-batches of a step "
+                         f"(global_batch {cfg.schedule.global_batch} / micro_batch {cfg.schedule.micro_batch}): an elastic "
+                         f"run with run.num_workers={r.num_workers} can use {_sizes(ok)} workers")  # fmt: skip
 
 
 def check_objective(cfg: TrainConfig, manifest: dict, where: str) -> None:
@@ -516,6 +569,7 @@ RANGES: tuple[tuple[str, object, str], ...] = (
     ("run.num_workers", lambda v: v >= 1, ">= 1"),
     ("run.cpus_per_worker", lambda v: v > 0, "> 0"),
     ("run.max_failures", lambda v: v >= -1, ">= -1 (-1: unlimited)"),
+    ("run.resize_check_s", lambda v: v >= 0, ">= 0 seconds"),
     ("run.device_peak_flops", lambda v: v >= 0, ">= 0 (0: known GPUs only)"),
 )
 

@@ -14,6 +14,10 @@ import pytest
 
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+# Every Ray cluster the suite starts uses token authentication (Ray >= 2.59's default for local
+# clusters), and Ray fixes a process's mode when its internals are first imported: a test module that
+# imports ray.train at collection (tests/test_elastic.py) would otherwise pin 'disabled' for the session.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def free_port() -> int:

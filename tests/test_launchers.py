@@ -195,6 +195,11 @@ def test_resources_the_cluster_lacks_are_refused_with_the_fix(ray_cluster):
         with pytest.raises(ValueError, match=rf"needs {int(cpus) * 4} CPU \(the cluster has {int(cpus)}\): --set run.num_workers={int(cpus)} or fewer"):
             check_resources(many)
         check_resources(resolve("demo", []))  # 2 workers x 1 CPU fit
+        # elastic: only the minimum must fit now (it grows when nodes join); a minimum that does not is refused
+        big = int(cpus) * 4
+        check_resources(resolve("demo", [f"run.num_workers={big}", "run.min_workers=1", f"schedule.global_batch={128 * big}"]))
+        with pytest.raises(ValueError, match=rf"^run.min_workers={big} x \(1 CPU\) needs {big} CPU"):
+            check_resources(resolve("demo", [f"run.num_workers={big * 2}", f"run.min_workers={big}", f"schedule.global_batch={128 * big * 2}"]))
     finally:
         if ours:
             ray.shutdown()

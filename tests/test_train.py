@@ -335,6 +335,7 @@ def test_kill_during_a_checkpoint_write_and_resubmission_on_fewer_workers_recove
     summary = json.loads((tmp_path / "crash" / "export" / "summary.json").read_text())
     assert summary["resumes"] == 1 and summary["resumed_from"] in (6, 9), summary  # not the half-written step 12
     assert summary["steps"] == 16 and summary["samples_seen"] == 1024
+    assert summary["resizes"] == [] and summary["world_size"] == 2  # restarted by Ray at the same size: no resize
     assert max_diff(clean, export_weights(storage, "crash")) < 1e-5
     assert summary["heldout_raw_loss"] == pytest.approx(clean_s["heldout_raw_loss"], abs=1e-5)
     halves = [d for d in (tmp_path / "crash").glob("checkpoint_*") if d.is_dir() and not (d / "index-00001.json").exists()]
@@ -377,6 +378,9 @@ def test_kill_during_a_checkpoint_write_and_resubmission_on_fewer_workers_recove
     assert "run.num_workers" in second.stdout  # the allowed change is listed
     resub = json.loads((tmp_path / "resub" / "export" / "summary.json").read_text())
     assert resub["resumes"] == 1 and resub["steps"] == 16 and resub["world_size"] == 1 and resub["resumed_from"] >= 3
+    # a re-submission at another size is a resize too: recorded with its wait (a person's, so not device time)
+    (rz,) = resub["resizes"]
+    assert (rz["step"], rz["from"], rz["to"]) == (resub["resumed_from"], 2, 1) and 0 < rz["checkpoint_to_restart_s"] < rz["wait_s"], rz
     assert max_diff(clean, export_weights(storage, "resub")) < 1e-5
 
 

@@ -95,17 +95,22 @@ def check_resources(cfg: TrainConfig) -> None:
         return
     have = ray.cluster_resources()
     r = cfg.run
-    need = {"CPU": r.num_workers * r.cpus_per_worker, **({"GPU": r.num_workers} if r.use_gpu else {})}
+    # An elastic run starts at run.min_workers and grows when nodes join: only the minimum must fit now.
+    n, key = (r.min_workers, "run.min_workers") if cfg.elastic else (r.num_workers, "run.num_workers")
+    need = {"CPU": n * r.cpus_per_worker, **({"GPU": n} if r.use_gpu else {})}
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
     if not short:
         return
-    asked = f"run.num_workers={r.num_workers} x ({r.cpus_per_worker} CPU{', 1 GPU' if r.use_gpu else ''})"
+    asked = f"{key}={n} x ({r.cpus_per_worker} CPU{', 1 GPU' if r.use_gpu else ''})"
     lacks = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
     fixes = []
     if "GPU" in short and not have.get("GPU"):
         fixes.append("--set run.use_gpu=false on a CPU cluster")
     fits = int(min(have.get(k, 0) // (r.cpus_per_worker if k == "CPU" else 1) for k in need))
-    if fits:
+    if fits and cfg.elastic:
+        ok = [w for w in range(1, fits + 1) if cfg.slots % w == 0]
+        fixes.append(f"--set run.min_workers={ok[-1]}" if ok else "no elastic size fits")
+    elif fits:
         fixes.append(f"--set run.num_workers={fits} or fewer (global_batch must stay divisible by micro_batch x workers)")
     fixes.append("add nodes (an autoscaling cluster: NFNET_SKIP_RESOURCE_CHECK=1)")
     raise ValueError(f"{asked} needs {lacks}: {'; '.join(fixes)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 from data_prep.manifest import MANIFEST
 from data_prep.storage import Store, s3_endpoint, split_s3
@@ -104,6 +105,12 @@ def quiet_ray_train(cfg: TrainConfig) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+def _elastic_trainer():
+    from .elastic import ElasticTrainer  # imports Ray Train internals: only for elastic runs
+
+    return ElasticTrainer
+
+
 def fit(cfg: TrainConfig, train_loop=None):
     """Run training to completion; a run with the same (storage, name) resumes from its latest checkpoint.
     `train_loop` replaces the function every worker runs (default: run.train_loop_per_worker); tests
@@ -118,16 +125,28 @@ def fit(cfg: TrainConfig, train_loop=None):
     check_resubmission(cfg)  # a changed config must not silently continue the run's checkpoints
     quiet_ray_train(cfg)
     env = {"DS_ACCELERATOR": "cpu"} if not cfg.run.use_gpu else {}
-    trainer = TorchTrainer(
+    r = cfg.run
+    # Elastic: a (min, max) range; ElasticTrainer keeps Ray to the sizes that divide the step's
+    # micro-batches and resizes a healthy group only at checkpoints (pipeline/train/elastic.py).
+    workers = (r.min_workers, r.num_workers) if cfg.elastic else r.num_workers
+    kind, extra = (TorchTrainer, {}) if not cfg.elastic else (_elastic_trainer(), {"world_sizes": cfg.world_sizes()})
+    if cfg.elastic:
+        print(f"elastic: {r.min_workers} to {r.num_workers} workers, at sizes {cfg.world_sizes()} "
+              f"(accumulation {', '.join(str(cfg.slots // w) for w in cfg.world_sizes())})", flush=True)  # fmt: skip
+    trainer = kind(
         train_loop or train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu, placement_strategy=cfg.run.placement,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})}),  # fmt: skip
+        # "submission": tells a worker whether the checkpoint it resumes is from this fit() (a restart by
+        # Ray: the gap counts as device time) or from an earlier submission (it does not).
+        train_loop_config={"train": cfg.to_dict(), "submission": uuid.uuid4().hex},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.use_gpu, placement_strategy=r.placement,
+                                     elastic_resize_monitor_interval_s=r.resize_check_s,
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}),  # fmt: skip
+        **extra,
         run_config=RunConfig(
             name=cfg.run.name,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=r.max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
             **storage_args(cfg.run.storage, cfg.data.s3_endpoint or None),
         ),

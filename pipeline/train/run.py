@@ -50,15 +50,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainRun:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, submission: str | None = None):
         import ray.train
 
-        self.cfg = cfg
+        # This attempt's start: its workers hold their devices from here (device-hours count from it).
+        self.t_start, self.t_start_unix = time.perf_counter(), time.time()
+        self.cfg, self.submission = cfg, submission
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        if self.world != cfg.run.num_workers:
-            raise RuntimeError(f"Ray started {self.world} workers but run.num_workers is {cfg.run.num_workers}")
-        self.A = cfg.accum_steps
+        # V / world micro-batches per worker and step (elastic runs start at any size in world_sizes()).
+        self.A = cfg.accum_for(self.world)
         self.endpoint = cfg.data.s3_endpoint or None
         gpu = cfg.run.use_gpu and torch.cuda.is_available()
         self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if gpu else "cpu")
@@ -96,14 +97,18 @@ class TrainRun:
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov)  # fmt: skip
         self.opt.skip = True  # ZeRO-1/2 step the optimizer once at init to create its state: not an update
         self.engine, _, _, _ = deepspeed.initialize(model=self.model.to(self.device), optimizer=self.opt,
-                                                    config=deepspeed_config(cfg, self.amp_dtype is not None), dist_init_required=False)  # fmt: skip
+                                                    config=deepspeed_config(cfg, self.amp_dtype is not None, self.A), dist_init_required=False)  # fmt: skip
         self.opt.skip = False
         self.module = self.engine.module
         self.ema = make_ema(self.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         if cfg.run.compile:  # after the EMA copy, which stays eager; compiles in place (names unchanged)
             self.engine.compile()
+        # device_seconds: workers x seconds of every attempt (resumed attempts add theirs); resizes: one
+        # record per change of world size; world_size and ckpt_unix: the attempt that wrote a checkpoint.
         self.counters = {"step": 0, "samples_seen": 0, "train_flops": 0.0, "bad_samples": 0, "skipped_steps": 0,
-                         "wall_time_s": 0.0, "ema_updates": 0, "resumes": 0, "resumed_from": None}  # fmt: skip
+                         "wall_time_s": 0.0, "ema_updates": 0, "resumes": 0, "resumed_from": None, "device_seconds": 0.0,
+                         "resizes": [], "world_size": self.world, "ckpt_unix": None, "submission": self.submission}  # fmt: skip
+        self.pending_resize = None
 
     def maybe_resume(self) -> None:
         import ray.train
@@ -114,8 +119,22 @@ class TrainRun:
         ck = open_ray(ckpt)  # each rank reads by byte range what it restores; nothing is downloaded whole
         restore(ck, self.module, self.opt, self.ema, self.engine.optimizer)
         self.counters.update(ck.trainer["counters"])
-        self.counters["resumes"] += 1
-        self.counters["resumed_from"] = self.counters["step"]
+        c = self.counters
+        c["resumes"] += 1
+        c["resumed_from"] = c["step"]
+        # From the checkpoint's save to this attempt's start: the steps done after the checkpoint (lost),
+        # Ray noticing the failure or the new node, and placing the workers. Within one submission the
+        # devices were held through it: counted at this attempt's size (the old group's end is not
+        # observable from here). A re-submission's gap is a person's, not device time.
+        gap = max(0.0, self.t_start_unix - c["ckpt_unix"]) if c.get("ckpt_unix") else None  # hosts' clocks may differ
+        if gap is not None and c.get("submission") == self.submission and self.submission is not None:
+            c["device_seconds"] += self.world * gap
+        c["submission"] = self.submission
+        prev = c.get("world_size") or self.world
+        if prev != self.world:  # completed at this attempt's first step (_note_resize)
+            self.pending_resize = {"step": c["step"], "from": prev, "to": self.world,
+                                   "checkpoint_to_restart_s": None if gap is None else round(gap, 3)}  # fmt: skip
+        c["world_size"] = self.world
         if self.ema is not None:
             self.ema.n_averaged.fill_(self.counters["ema_updates"])
         if self.rank == 0:
@@ -143,6 +162,7 @@ class TrainRun:
         bad_in_row, t_last, imgs_since = 0, time.perf_counter(), 0
         t_run = time.perf_counter() - self.counters["wall_time_s"]
         first_step, t_attempt = self.counters["step"], time.perf_counter()  # the ETA's rate: this attempt's steps and time
+        self.t_dev = self.t_start  # device time is counted up to here (every step adds world x its seconds)
         for step in range(start, self.total_steps):
             lr = lr_at(step, cfg, steps_per_epoch, self.total_steps)
             for group in self.opt.param_groups:
@@ -189,6 +209,11 @@ class TrainRun:
                     self.ema.update_parameters(self.module)
                     c["ema_updates"] += 1
             imgs_since += cfg.schedule.global_batch
+            self._count_device_time()
+            if self.pending_resize is not None:
+                self._note_resize()
+            if self.writer is not None:  # every step: which world size computed it
+                self.writer.add_scalar("progress/world_size", self.world, step + 1)
             # every log_every steps, and the last step (a run shorter than log_every still shows one line)
             if self.writer is not None and ((step + 1) % cfg.schedule.log_every == 0 or step + 1 == self.total_steps):
                 ips = imgs_since / max(time.perf_counter() - t_last, 1e-9)
@@ -200,7 +225,7 @@ class TrainRun:
                 t_last, imgs_since = time.perf_counter(), 0
             c["wall_time_s"] = time.perf_counter() - t_run
             last = step + 1 == self.total_steps
-            metrics = {"step": step + 1, "loss": mean_loss, "lr": lr}
+            metrics = {"step": step + 1, "loss": mean_loss, "lr": lr, "final": last}  # final: no resize after it
             if (cfg.schedule.eval_every and (step + 1) % cfg.schedule.eval_every == 0) or last:
                 metrics.update(self._evaluate(step + 1))
             # Report to Ray Train only with checkpoints: its controller takes one report per worker
@@ -208,9 +233,12 @@ class TrainRun:
             # every step caps training at one step per 2 s. Per-step metrics go to TensorBoard.
             if (cfg.schedule.ckpt_every and (step + 1) % cfg.schedule.ckpt_every == 0) or last:
                 self._checkpoint(metrics)
+        if self.pending_resize is not None:  # resumed after the last step: no step to note it at
+            self._note_resize()
         if not getattr(self, "last_eval", None):  # resumed at the end (e.g. a failure after the last step): evaluate now
             self._evaluate(self.total_steps)
         ev, names = self.last_eval, metric_names(cfg.optim.objective)
+        self._count_device_time()
         self._write_results({
             **{tag: {k: ev[f"heldout_{tag}_{k}"] for k in names} for tag in ("raw", "ema") if f"heldout_{tag}_loss" in ev},
             "samples": ev.get("heldout_samples"), "bad_samples": ev.get("heldout_bad"),
@@ -227,7 +255,27 @@ class TrainRun:
     def _training_counters(self) -> dict:
         c = {k: self.counters[k] for k in ("step", "samples_seen", "train_flops", "wall_time_s", "skipped_steps", "resumes")}
         return {**c, "epochs": c["samples_seen"] / self.train_ds.total, "train_flops_per_image": self.flops_per_image,
-                "world_size": self.world}  # fmt: skip
+                "world_size": self.world, "device_hours": self.counters["device_seconds"] / 3600,
+                "resizes": self.counters["resizes"]}  # fmt: skip
+
+    def _count_device_time(self) -> None:
+        now = time.perf_counter()
+        self.counters["device_seconds"] += self.world * (now - self.t_dev)
+        self.t_dev = now
+
+    def _note_resize(self) -> None:
+        """At the first step after a restart at another world size: record the resize with how long the
+        run waited (checkpoint save -> first step at the new size) and this attempt's start-up."""
+        r, self.pending_resize = self.pending_resize, None
+        r["startup_s"] = round(time.perf_counter() - self.t_start, 3)
+        if r["checkpoint_to_restart_s"] is not None:
+            r["wait_s"] = round(r["checkpoint_to_restart_s"] + r["startup_s"], 3)
+        self.counters["resizes"].append(r)
+        if self.rank == 0:
+            print(f"resized from {r['from']} to {r['to']} workers at step {r['step']}: accumulation {self.A}, "
+                  f"waited {r.get('wait_s', '?')} s from the checkpoint to the first step", flush=True)  # fmt: skip
+            if self.writer is not None and "wait_s" in r:
+                self.writer.add_scalar("progress/resize_wait_s", r["wait_s"], r["step"])
 
     def _micro_loss(self, step: int):
         """loss of micro-batch a of this rank at `step`; stochastic depth/dropout seeded per (step, slot)
@@ -372,6 +420,8 @@ class TrainRun:
         from ray.train import CheckpointUploadMode
 
         t0 = time.perf_counter()
+        self._count_device_time()
+        self.counters["ckpt_unix"] = time.time()  # a restart measures its wait from here
         # Back-pressure: one checkpoint in flight at a time, so host copies never pile up when uploads are
         # slower than ckpt_every (Ray's upload pool is one thread with an unbounded queue).
         self._wait_for_upload()
@@ -420,7 +470,8 @@ class TrainRun:
             "epochs": c["samples_seen"] / self.train_ds.total, "steps": c["step"],
             "train_flops_per_image": self.flops_per_image, "wall_time_s": c["wall_time_s"],
             "skipped_steps": c["skipped_steps"], "bad_samples": c["bad_samples"], "world_size": self.world,
-            "resumes": c["resumes"], "resumed_from": c["resumed_from"],
+            "resumes": c["resumes"], "resumed_from": c["resumed_from"], "resizes": c["resizes"],
+            "device_hours": c["device_seconds"] / 3600,
             "global_batch": self.cfg.schedule.global_batch, "data": self.cfg.data.root,
             # Informational: fine-tuning starts any export the same way (a new head for its classes), and
             # says what the held-out numbers below mean (sigmoid: any-label top-1, mAP).
@@ -443,4 +494,4 @@ class TrainRun:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` is {"train": TrainConfig.to_dict()}."""
-    TrainRun(TrainConfig.from_dict(config["train"])).run()
+    TrainRun(TrainConfig.from_dict(config["train"]), config.get("submission")).run()

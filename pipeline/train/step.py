@@ -113,16 +113,17 @@ def agc_at_boundary(module: torch.nn.Module, exclude: set[str], clip: float, eps
     return partitioned_agc_(layout, units, clip, eps, device)
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+def deepspeed_config(cfg: TrainConfig, bf16: bool, accum: int | None = None) -> dict:
     """DeepSpeed always sees an fp32 model: its bf16 mode would keep bf16 weights with fp32 masters
     that our checkpoints and EMA do not see, and accumulate and all-reduce gradients in bf16. bf16 is
     autocast around the forward pass instead (docs/precision.md), declared in DeepSpeed's
     `torch_autocast` section: without it, engine.forward runs the model under autocast(enabled=False)
     whenever CUDA autocast is on outside it, i.e. a GPU run would silently train in fp32. No module is
-    "lower-precision safe", so every gradient is still all-reduced in fp32."""
+    "lower-precision safe", so every gradient is still all-reduced in fp32. `accum`: this world size's
+    accumulation (elastic runs: V / workers; default the config's num_workers)."""
     return {
         "train_micro_batch_size_per_gpu": cfg.schedule.micro_batch,
-        "gradient_accumulation_steps": cfg.accum_steps,
+        "gradient_accumulation_steps": accum or cfg.accum_steps,
         "train_batch_size": cfg.schedule.global_batch,
         "gradient_clipping": 0.0,  # AGC replaces it; recent DeepSpeed defaults to 1.0
         "zero_optimization": {"stage": cfg.run.zero_stage},
